@@ -1,0 +1,68 @@
+"""Shims for JAX APIs that moved or changed between versions.
+
+Everything version-dependent lives here so that the rest of the library reads like today's JAX:
+``jax.shard_map`` (formerly ``jax.experimental.shard_map``), marking a replicated value as varying
+inside ``shard_map`` (``jax.lax.pcast``, formerly ``pvary``), the float64 context and the CPU
+device count for tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import jax
+
+try:  # jax >= 0.6
+    shard_map = jax.shard_map
+except AttributeError:  # pragma: no cover - older jax
+    from jax.experimental.shard_map import shard_map  # noqa: F401, UP035
+
+
+def mark_varying(tree, axis_name: str):
+    """Marks a replicated pytree as device-varying along ``axis_name`` inside ``shard_map``.
+
+    Without this, JAX treats gradients/transposes with respect to a replicated input as already
+    summed over the axis, and an explicit ``psum`` would count them twice.
+    """
+    if hasattr(jax.lax, "pcast"):
+        return jax.tree.map(lambda a: jax.lax.pcast(a, axis_name, to="varying"), tree)
+    if hasattr(jax.lax, "pvary"):  # pragma: no cover - jax 0.6/0.7
+        return jax.tree.map(lambda a: jax.lax.pvary(a, axis_name), tree)
+    return tree  # pragma: no cover - very old jax: no varying-manual-axes tracking
+
+
+@contextlib.contextmanager
+def enable_x64(enabled: bool = True) -> Iterator[None]:
+    """Context in which new arrays default to 64-bit (float64/int64)."""
+    if hasattr(jax, "enable_x64"):
+        with jax.enable_x64(enabled):
+            yield
+    else:  # pragma: no cover - older jax
+        from jax.experimental import enable_x64 as _ctx
+
+        with _ctx(enabled):
+            yield
+
+
+def x64_enabled() -> bool:
+    """Whether 64-bit types are currently the default."""
+    return bool(jax.config.read("jax_enable_x64"))
+
+
+def set_cpu_device_count(n: int) -> None:
+    """Asks for ``n`` CPU devices; must run before JAX initialises its backends."""
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except AttributeError:  # pragma: no cover - older jax
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}"
+
+
+def auto_axis_types(n_axes: int):
+    """``axis_types`` for ``jax.make_mesh`` so that shard_map accepts unsharded inputs."""
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if axis_type is None:  # pragma: no cover - older jax
+        return None
+    return (axis_type.Auto,) * n_axes

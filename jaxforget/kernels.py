@@ -1,0 +1,451 @@
+"""The shared numerical kernels every jaxforget method calls.
+
+* Tree math at ``HIGHEST`` precision without ravelling (as optax's ``tree.vdot``): CG inner products on
+  sharded pytrees stay sharded, and GPU float32 matmuls never fall back to TF32.
+* Parameter splits (frozen prefix vs linearized suffix) and the linearized model
+  ``f(x; w_u) = f_core(x) + J_core(x) w_u`` through ``jax.jvp``.
+* Curvature products, all matrix-free: Gauss-Newton ``Σ J_iᵀ H_out J_i v`` (jvp + transpose),
+  Hessian-vector products (forward-over-reverse), empirical-Fisher products (one jvp and one vjp, no
+  per-example gradient stored), and per-example gradients by ``vmap(grad)``.
+* A pytree (preconditioned) conjugate-gradient solver written with ``lax.while_loop`` that reports
+  iterations and the *true* final residual, with residual replacement so float32 drift cannot fake
+  convergence; and power iteration for the largest eigenvalue.
+
+Nothing here materialises a P×P matrix. Sums over a dataset are composed with
+:func:`jaxforget.mesh.data_parallel_sum`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from jaxforget import errors
+
+PyTree = Any
+Array = jax.Array
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# --------------------------------------------------------------------------------------------------
+# Tree math
+# --------------------------------------------------------------------------------------------------
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> Array:
+    r"""Real inner product :math:`\sum_\ell \langle a_\ell, b_\ell \rangle` of two pytrees at HIGHEST precision.
+
+    Uses ``tensordot`` per leaf rather than ``jnp.vdot``, which ravels (a copy, and communication on
+    sharded arrays).
+
+    Args:
+      a, b: pytrees of the same structure and shapes.
+
+    Returns:
+      A scalar in the leaves' (promoted) dtype.
+
+    Examples:
+      >>> float(tree_vdot({"w": jnp.ones((2, 3))}, {"w": 2 * jnp.ones((2, 3))}))
+      12.0
+    """
+    parts = jax.tree.leaves(
+        jax.tree.map(lambda x, y: jnp.tensordot(x, y, axes=x.ndim, precision=HIGHEST), a, b)
+    )
+    return sum(parts[1:], parts[0])
+
+
+def tree_add(a: PyTree, b: PyTree) -> PyTree:
+    """Leafwise ``a + b``."""
+    return jax.tree.map(jnp.add, a, b)
+
+
+def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+    """Leafwise ``a - b``."""
+    return jax.tree.map(jnp.subtract, a, b)
+
+
+def tree_scale(s: Array | float, a: PyTree) -> PyTree:
+    """Leafwise ``s * a`` for a scalar ``s`` (cast to each leaf's dtype)."""
+    return jax.tree.map(lambda x: jnp.asarray(s, x.dtype) * x, a)
+
+
+def tree_axpy(alpha: Array | float, x: PyTree, y: PyTree) -> PyTree:
+    """Leafwise ``alpha * x + y``."""
+    return jax.tree.map(lambda u, v: jnp.asarray(alpha, u.dtype) * u + v, x, y)
+
+
+def tree_zeros_like(a: PyTree) -> PyTree:
+    """Zeros with the structure, shapes and dtypes of ``a``."""
+    return jax.tree.map(jnp.zeros_like, a)
+
+
+def tree_norm(a: PyTree) -> Array:
+    """Euclidean norm of a pytree seen as one vector."""
+    return jnp.sqrt(tree_vdot(a, a))
+
+
+def tree_size(a: PyTree) -> int:
+    """Number of scalars in a pytree."""
+    return sum(int(x.size) for x in jax.tree.leaves(a))
+
+
+def tree_cast(a: PyTree, dtype) -> PyTree:
+    """Casts every floating leaf to ``dtype`` (integer leaves are kept)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, a)
+
+
+def tree_random_normal(key: Array, like: PyTree) -> PyTree:
+    """Standard-normal noise shaped like ``like``, one independent key per leaf."""
+    leaves, treedef = jax.tree.flatten(like)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)])
+
+
+def tree_ravel(a: PyTree) -> Array:
+    """Concatenates all leaves into one vector (small problems and dense references only)."""
+    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(a)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter splits and the linearized model
+# --------------------------------------------------------------------------------------------------
+
+
+def split_params(params: PyTree, predicate: Callable[[tuple[str, ...]], bool]) -> tuple[PyTree, PyTree]:
+    """Splits a nested-dict parameter tree into ``(lin, fix)`` by a predicate on leaf paths.
+
+    Args:
+      params: nested dict of arrays (flax ``params``).
+      predicate: ``path -> bool``; ``True`` puts the leaf in the linearized subtree ``lin``.
+
+    Returns:
+      ``(lin, fix)``, two nested dicts whose union is ``params``.
+
+    Examples:
+      >>> lin, fix = split_params({"a": {"w": 1}, "b": {"w": 2}}, lambda p: p[0] == "b")
+      >>> lin, fix
+      ({'b': {'w': 2}}, {'a': {'w': 1}})
+    """
+    flat = traverse_util.flatten_dict(params)
+    lin = {k: v for k, v in flat.items() if predicate(k)}
+    fix = {k: v for k, v in flat.items() if not predicate(k)}
+    return traverse_util.unflatten_dict(lin), traverse_util.unflatten_dict(fix)
+
+
+def merge_params(fix: PyTree, lin: PyTree) -> PyTree:
+    """Inverse of :func:`split_params`."""
+    flat = dict(traverse_util.flatten_dict(fix))
+    flat.update(traverse_util.flatten_dict(lin))
+    return traverse_util.unflatten_dict(flat)
+
+
+def jvp_outputs(f: Callable[[PyTree], Array], primal: PyTree, tangent: PyTree) -> tuple[Array, Array]:
+    """``(f(primal), J tangent)`` with ``J = ∂f/∂primal``, by one forward-mode pass."""
+    return jax.jvp(f, (primal,), (tangent,))
+
+
+def linearized_apply(f: Callable[[PyTree], Array], primal: PyTree, w_u: PyTree) -> Array:
+    r"""The linearized model :math:`f(w_c) + J(w_c)\, w_u`.
+
+    Args:
+      f: ``params -> outputs [B, K]`` on a fixed batch (the core network with its frozen part bound).
+      primal: core values of the linearized parameters ``w_c`` (the Jacobian is always taken here).
+      w_u: user weights, same structure as ``primal``.
+
+    Returns:
+      ``[B, K]`` outputs; equals ``f(primal)`` exactly when ``w_u = 0``.
+
+    Examples:
+      >>> f = lambda p: jnp.tanh(p["w"] * jnp.arange(3.0))[None]
+      >>> linearized_apply(f, {"w": 0.5}, {"w": 0.0}).tolist() == f({"w": 0.5}).tolist()
+      True
+
+    References:
+      Golatkar et al., Mixed-Privacy Forgetting in Deep Networks, CVPR 2021, eq. 5.
+    """
+    y0, jv = jvp_outputs(f, primal, w_u)
+    return y0 + jv
+
+
+def gn_matvec_sum(
+    f: Callable[[PyTree], Array],
+    primal: PyTree,
+    v: PyTree,
+    weights: Array,
+    out_hvp: Callable[[Array, Array], Array] | None = None,
+) -> PyTree:
+    r"""Weighted Gauss-Newton product :math:`\sum_i c_i J_i^\top H^{out}_i J_i v` on one batch.
+
+    One linearisation gives ``J v`` (forward) and its transpose gives ``Jᵀ u`` (reverse).
+
+    Args:
+      f: ``params -> outputs [B, K]`` on a fixed batch.
+      primal: linearisation point (pytree).
+      v: tangent, same structure as ``primal``.
+      weights: ``[B]`` per-example weights ``c_i`` (0 for padding or removed samples).
+      out_hvp: ``(outputs [B, K], u [B, K]) -> [B, K]``, the loss Hessian in output space applied
+        per example; ``None`` means the identity (square loss, where GN is the exact Hessian).
+
+    Returns:
+      A pytree shaped like ``primal``.
+    """
+    y0, f_jvp = jax.linearize(f, primal)
+    jv = f_jvp(v)
+    if out_hvp is not None:
+        jv = out_hvp(y0, jv)
+    jv = jv * weights.astype(jv.dtype)[:, None]
+    (jtjv,) = jax.linear_transpose(f_jvp, primal)(jv)
+    return jtjv
+
+
+def softmax_out_hvp(logits: Array, u: Array) -> Array:
+    r"""Cross-entropy Hessian in logit space applied per example: :math:`(\mathrm{diag}(p) - pp^\top) u`."""
+    p = jax.nn.softmax(logits, axis=-1)
+    return p * u - p * jnp.sum(p * u, axis=-1, keepdims=True)
+
+
+def square_loss_grad_sum(
+    f: Callable[[PyTree], Array],
+    primal: PyTree,
+    w_u: PyTree,
+    targets: Array,
+    weights: Array,
+) -> tuple[PyTree, Array]:
+    r"""Weighted residual gradient and loss of the linearized square loss on one batch.
+
+    With :math:`r_i = f(w_c)(x_i) + J_i w_u - t_i`, returns
+    :math:`(\sum_i c_i J_i^\top r_i,\ \tfrac12 \sum_i c_i \lVert r_i \rVert^2)`.
+
+    Args:
+      f: ``params -> outputs [B, K]`` on a fixed batch.
+      primal: core values of the linearized parameters.
+      w_u: user weights (same structure).
+      targets: ``[B, K]`` regression targets (scaled one-hot).
+      weights: ``[B]`` per-example weights.
+
+    Returns:
+      ``(grad_sum, loss_sum)``.
+    """
+    y0, f_jvp = jax.linearize(f, primal)
+    r = y0 + f_jvp(w_u) - targets
+    c = weights.astype(r.dtype)[:, None]
+    (g,) = jax.linear_transpose(f_jvp, primal)(r * c)
+    return g, 0.5 * jnp.sum(c * r * r)
+
+
+def hvp(loss: Callable[..., Array], params: PyTree, v: PyTree, *args) -> PyTree:
+    r"""Hessian-vector product :math:`\nabla^2 L(\theta) v` by forward-over-reverse differentiation.
+
+    Examples:
+      >>> loss = lambda p: 0.5 * (3.0 * p["a"] ** 2)
+      >>> float(hvp(loss, {"a": 1.0}, {"a": 2.0})["a"])
+      6.0
+    """
+    return jax.jvp(lambda p: jax.grad(loss)(p, *args), (params,), (v,))[1]
+
+
+def per_example_grads(loss_one: Callable[..., Array], params: PyTree, *batch: Array) -> PyTree:
+    """Per-example gradients ``[B, ...]`` by ``vmap(grad)`` (never a batch-size-1 loop).
+
+    Args:
+      loss_one: ``(params, *example) -> scalar`` for one unbatched example.
+      params: pytree.
+      *batch: arrays with a leading batch dimension.
+
+    Returns:
+      A pytree shaped like ``params`` with a leading ``[B]`` axis on every leaf.
+    """
+    return jax.vmap(jax.grad(loss_one), in_axes=(None,) + (0,) * len(batch))(params, *batch)
+
+
+def fisher_matvec_sum(
+    loss_one: Callable[..., Array], params: PyTree, v: PyTree, weights: Array, *batch: Array
+) -> PyTree:
+    r"""Weighted empirical-Fisher product :math:`\sum_i c_i g_i (g_i^\top v)` on one batch.
+
+    :math:`g_i^\top v` is one vmapped JVP; :math:`\sum_i s_i g_i` is the gradient of
+    :math:`\sum_i s_i \ell_i` with :math:`s_i` held constant, so no ``[B, P]`` gradient is stored.
+    """
+    per_loss = lambda p: jax.vmap(loss_one, in_axes=(None,) + (0,) * len(batch))(p, *batch)
+    _, gv = jax.jvp(per_loss, (params,), (v,))
+    s = jax.lax.stop_gradient(gv * weights.astype(gv.dtype))
+    return jax.grad(lambda p: jnp.sum(s * per_loss(p)))(params)
+
+
+# --------------------------------------------------------------------------------------------------
+# Conjugate gradient and power iteration
+# --------------------------------------------------------------------------------------------------
+
+
+class CGInfo(NamedTuple):
+    """Diagnostics of :func:`cg_solve` (all device scalars).
+
+    Attributes:
+      iterations: int32, matvecs spent on CG steps (the final true-residual check excluded).
+      residual_norm: ``‖b − A x‖`` recomputed from scratch at the end.
+      rel_residual: ``residual_norm / ‖b‖`` (0 when ``b = 0``).
+      converged: whether ``residual_norm ≤ max(tol·‖b‖, atol)``.
+      restarts: residual replacements performed (float32 drift corrections).
+    """
+
+    iterations: Array
+    residual_norm: Array
+    rel_residual: Array
+    converged: Array
+    restarts: Array
+
+
+def cg_solve(
+    matvec: Callable[[PyTree], PyTree],
+    b: PyTree,
+    x0: PyTree | None = None,
+    *,
+    tol: float | Array = 1e-5,
+    atol: float | Array = 0.0,
+    maxiter: int | Array = 1000,
+    precond: Callable[[PyTree], PyTree] | None = None,
+    max_restarts: int = 8,
+) -> tuple[PyTree, CGInfo]:
+    r"""Solves :math:`A x = b` for symmetric positive-definite ``A`` given only ``v ↦ A v``.
+
+    Preconditioned conjugate gradients on pytrees. The stopping rule is on the residual
+    :math:`\lVert b - A x\rVert \le \max(\mathrm{tol}\,\lVert b\rVert, \mathrm{atol})`. The recursive
+    residual drifts from the true one in float32, so when it reports convergence the true residual is
+    recomputed; if that is still too large CG restarts from the current ``x`` with the true residual
+    (residual replacement), at most ``max_restarts`` times. Traceable: ``tol``, ``atol`` and ``maxiter``
+    may be traced, so one compiled solver serves every request. This function never raises; call
+    :func:`check_converged` on the host afterwards.
+
+    Args:
+      matvec: maps a pytree shaped like ``b`` to ``A`` times it.
+      b: right-hand side, a pytree of float arrays.
+      x0: initial guess (warm start); zeros by default.
+      tol: relative tolerance on the residual.
+      atol: absolute tolerance on the residual.
+      maxiter: budget of CG iterations (matvecs), restarts included.
+      precond: ``r ↦ M⁻¹ r`` for an SPD preconditioner ``M ≈ A``; ``None`` for plain CG.
+      max_restarts: cap on residual replacements.
+
+    Returns:
+      ``(x, info)`` with ``info`` a :class:`CGInfo`.
+
+    Examples:
+      >>> A = jnp.array([[4., 1.], [1., 3.]])
+      >>> x, info = cg_solve(lambda v: A @ v, jnp.array([1., 2.]))
+      >>> print(jnp.round(x, 4), bool(info.converged))
+      [0.0909 0.6364] True
+
+    References:
+      Hestenes & Stiefel (1952); Golatkar et al., Mixed-Privacy Forgetting, CVPR 2021, eq. 11.
+    """
+    precond = precond if precond is not None else (lambda r: r)
+    x = tree_zeros_like(b) if x0 is None else x0
+    b_norm = tree_norm(b)
+    dtype = b_norm.dtype
+    threshold = jnp.maximum(jnp.asarray(tol, dtype) * b_norm, jnp.asarray(atol, dtype))
+    maxiter = jnp.asarray(maxiter, jnp.int32)
+
+    def true_residual(x):
+        return tree_sub(b, matvec(x))
+
+    def inner(carry):
+        """Plain PCG from the current x and its true residual, until the recursive residual passes."""
+        x, r, k = carry
+        z = precond(r)
+        state = (x, r, z, z, tree_vdot(r, z), k)
+
+        def cond(s):
+            _, r, _, _, _, k = s
+            return (tree_norm(r) > threshold) & (k < maxiter)
+
+        def body(s):
+            x, r, z, p, rz, k = s
+            ap = matvec(p)
+            alpha = rz / tree_vdot(p, ap)
+            x = tree_axpy(alpha, p, x)
+            r = tree_axpy(-alpha, ap, r)
+            z = precond(r)
+            rz_new = tree_vdot(r, z)
+            p = tree_axpy(rz_new / rz, p, z)
+            return x, r, z, p, rz_new, k + 1
+
+        x, _, _, _, _, k = jax.lax.while_loop(cond, body, state)
+        return x, k
+
+    def outer_cond(s):
+        _, r, k, restarts = s
+        return (tree_norm(r) > threshold) & (k < maxiter) & (restarts <= max_restarts)
+
+    def outer_body(s):
+        x, r, k, restarts = s
+        x, k = inner((x, r, k))
+        return x, true_residual(x), k, restarts + 1
+
+    r0 = true_residual(x) if x0 is not None else b
+    x, r, k, restarts = jax.lax.while_loop(
+        outer_cond, outer_body, (x, r0, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    )
+    res = tree_norm(r)
+    rel = jnp.where(b_norm > 0, res / jnp.where(b_norm > 0, b_norm, 1), res)
+    info = CGInfo(
+        iterations=k,
+        residual_norm=res,
+        rel_residual=rel,
+        converged=res <= threshold,
+        restarts=jnp.maximum(restarts - 1, 0),
+    )
+    return x, info
+
+
+def check_converged(info: CGInfo, *, what: str = "CG solve", on_fail: str = "raise") -> None:
+    """Host-side check of a :class:`CGInfo`; raises :class:`~jaxforget.errors.CGNotConvergedError`.
+
+    Args:
+      info: diagnostics returned by :func:`cg_solve` (concrete values).
+      what: name of the solve, used in the message.
+      on_fail: ``"raise"`` (default) or ``"warn"`` (emit a ``RuntimeWarning`` and carry on).
+
+    Raises:
+      NonFiniteError: if the residual is NaN/Inf (the operator or right-hand side is not finite).
+      CGNotConvergedError: if not converged and ``on_fail == "raise"``.
+    """
+    if on_fail not in ("raise", "warn"):
+        raise errors.ConfigError(f"on_fail must be 'raise' or 'warn', got {on_fail!r}.")
+    res = float(info.residual_norm)
+    if not jnp.isfinite(res):
+        raise errors.NonFiniteError(f"{what}: the residual is not finite ({res}); inputs or weights contain NaN/Inf.")
+    if bool(info.converged):
+        return
+    msg = (
+        f"{what} did not converge: relative residual {float(info.rel_residual):.3e} "
+        f"(absolute {res:.3e}) after {int(info.iterations)} iterations. Raise maxiter, loosen tol, "
+        "or add a preconditioner."
+    )
+    if on_fail == "raise":
+        raise errors.CGNotConvergedError(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+
+def power_iteration(
+    matvec: Callable[[PyTree], PyTree], v0: PyTree, num_iters: int = 100
+) -> tuple[Array, PyTree]:
+    r"""Largest eigenvalue of a symmetric PSD operator by power iteration.
+
+    Returns the Rayleigh quotient :math:`v^\top A v` of the final unit iterate, and the iterate.
+
+    Examples:
+      >>> lam, _ = power_iteration(lambda v: jnp.diag(jnp.array([1., 5., 2.])) @ v, jnp.ones(3), 50)
+      >>> round(float(lam), 4)
+      5.0
+    """
+
+    def body(_, v):
+        w = matvec(v)
+        return tree_scale(1.0 / tree_norm(w), w)
+
+    v = jax.lax.fori_loop(0, num_iters, body, tree_scale(1.0 / tree_norm(v0), v0))
+    return tree_vdot(v, matvec(v)), v

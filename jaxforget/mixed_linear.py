@@ -1,0 +1,570 @@
+r"""Mixed-linear forgetting (ML-Forgetting, Golatkar et al., CVPR 2021).
+
+A *core* network ``w_c`` is trained on core data only. Everything learned from the task data lives
+in user weights ``w_u`` of the network linearized around ``w_c``:
+
+.. math::  f(x; w_u) = f_c(x) + J_c(x)\, w_u .
+
+With the regularised square loss (mean over the training set ``S``, one-hot targets scaled by ``α``)
+
+.. math::  L_S(w_u) = \frac{1}{2|S|}\sum_{i\in S}\lVert f_c(x_i) + J_i w_u - \alpha y_i\rVert^2
+           + \frac{\mu}{2}\lVert w_u\rVert^2
+
+the problem is quadratic: ``H_S = (1/|S|) Σ J_iᵀJ_i + μI`` does not depend on ``w_u``, and forgetting a
+request ``D_f`` is one exact Newton step on the retained data ``D_r``,
+
+.. math::  w_u \leftarrow w_u - H_{D_r}^{-1} g_{D_r}(w_u) + \sigma\varepsilon = w^*_{D_r} + \sigma\varepsilon,
+
+from *any* ``w_u``. The step is solved matrix-free by conjugate gradients (every product is one
+JVP + VJP pass over ``D_r``), or by the paper's SGD on the auxiliary quadratic. Forgetting all user
+data is ``w_u = 0``. The retain set is a mask over the fixed training set, so shapes never change and
+nothing recompiles between requests.
+
+Conventions: ``σ`` is a standard deviation; ``g`` and ``H`` use means over ``D_r`` with the same ``μ``
+(the gold-standard retrain is the minimiser of ``L_{D_r}`` with the same core).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import secrets
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import struct
+
+from jaxforget import compat, errors, kernels, ledger, models, train
+from jaxforget import data as data_lib
+from jaxforget import mesh as mesh_lib
+
+PyTree = Any
+
+
+@struct.dataclass
+class MixedLinearState:
+    """Everything a mixed-linear model is, as one pytree (checkpointed as a whole).
+
+    Attributes:
+      core: core variables ``{"params": ..., ["batch_stats": ...]}`` (``w_c``; never changes).
+      w_u: user weights, shaped like the linearized subtree of ``core["params"]``.
+      removed_by: ``int32[n_train]`` deletion ledger (0 = retained, k = removed by request k).
+      num_requests: ``int32[]`` forget requests served so far.
+    """
+
+    core: PyTree
+    w_u: PyTree
+    removed_by: jax.Array
+    num_requests: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgetInfo:
+    """Host-side diagnostics of one forget request.
+
+    ``passes`` counts full passes over the retained data (gradient, CG/SGD products, true-residual
+    check), the unit the paper compares with retraining epochs.
+    """
+
+    request: int
+    num_forgotten: int
+    num_retained: int
+    solver: str
+    iterations: int
+    passes: float
+    rel_residual: float
+    grad_norm: float
+    step_norm: float
+    sigma: float
+    seconds: float
+    w_pre_noise: PyTree = dataclasses.field(repr=False, compare=False, default=None)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "w_pre_noise"}
+
+
+def default_method_config() -> ml_collections.ConfigDict:
+    """The method section of a config (see ``configs/mixed_linear_digits.py``)."""
+    c = ml_collections.ConfigDict()
+    c.linearize = "all"  # models.linearize_predicate spec: "all", "head", "last:k", "re:<regex>"
+    c.mu = 1e-4  # L2 on w_u, mean-loss units
+    c.target_scale = 1.0  # α: targets are α·one-hot
+    c.sigma = 0.0  # noise std added to w_u after each request
+    c.batch_size = 256  # per-device batch of the full-pass kernels
+    c.solver = "cg"  # forget solver: "cg" or "sgd" (the paper's)
+    c.tol = 1e-5  # CG: ‖H v − g‖ ≤ tol·‖g‖
+    c.maxiter = 3000
+    c.on_fail = "raise"  # or "warn"
+    c.sgd_epochs = 3  # SGD solver: passes per request (paper: 2-3)
+    c.sgd_batch_size = 256
+    c.core = ml_collections.ConfigDict(
+        dict(epochs=60, batch_size=64, learning_rate=0.05, momentum=0.9, weight_decay=5e-4)
+    )
+    c.user = ml_collections.ConfigDict(
+        # "cg": exact solve; "sgd": the paper's recipe (SGD + momentum, cosine, 50 epochs).
+        # The exact solve runs in float64 (a float32 CG from zero stalls 1e-3-1e-2 away at this conditioning).
+        dict(solver="cg", tol=1e-10, maxiter=30000, epochs=50, batch_size=128, learning_rate=0.01, momentum=0.9)
+    )
+    return c
+
+
+def _highest(fn):
+    """Traces ``fn`` with float32 matmuls at full precision (no TF32/bf16 passes on GPU)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+class MixedLinear:
+    """The mixed-linear method on one dataset split.
+
+    The object holds the (static) model, the training data laid out on the device mesh and the jitted
+    kernels, compiled once; the :class:`MixedLinearState` pytree holds everything that changes.
+
+    Args:
+      model: a flax module (``models.get_model``), called with ``train=False`` for linearization.
+      splits: the dataset split (``train`` = core + user, ``test``).
+      config: method section (:func:`default_method_config`).
+      mesh: data-parallel mesh; all devices by default.
+
+    Examples:
+      >>> import jaxforget as jf
+      >>> splits = jf.data.make_splits(jf.data.load_digits(), seed=0)
+      >>> model = jf.models.MLP(hidden=(16,))
+      >>> cfg = default_method_config(); cfg.core.epochs = 2; cfg.linearize = "head"
+      >>> ml = MixedLinear(model, splits, cfg)
+      >>> state = ml.init(jax.random.key(0))
+      >>> state, info = ml.forget(state, splits.user_ids[:5], key=jax.random.key(1))
+      >>> info.num_forgotten, bool(info.rel_residual <= cfg.tol)
+      (5, True)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        splits: data_lib.Splits,
+        config: ml_collections.ConfigDict,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        self.model = model
+        self.splits = splits
+        self.config = config
+        self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
+        if config.solver not in ("cg", "sgd"):
+            raise errors.ConfigError(f"solver must be 'cg' or 'sgd', got {config.solver!r}.")
+        if config.mu <= 0:
+            raise errors.ConfigError(f"mu must be > 0 (it makes the user problem strongly convex), got {config.mu}.")
+        train_set = splits.train
+        self.train_ids = np.asarray(train_set.ids)
+        self.core_ids = np.asarray(splits.core_ids)
+        self.num_train = len(train_set)
+        self.num_classes = int(train_set.num_classes)
+        self.batch_size = int(min(config.batch_size, -(-self.num_train // self.mesh.size)))
+        targets = config.target_scale * np.eye(self.num_classes, dtype=np.float32)[train_set.y]
+        self._x, self._t = mesh_lib.shard_rows((train_set.x, targets), self.mesh, self.batch_size)
+        self.num_padded = int(self._x.shape[0])
+        self._data64 = None
+        self._build_kernels()
+
+    # ----------------------------------------------------------------------------------------------
+    # Model plumbing
+    # ----------------------------------------------------------------------------------------------
+
+    def split(self, core: PyTree) -> tuple[PyTree, PyTree]:
+        """``(lin, fix)``: the linearized parameter subtree and everything else (incl. batch_stats)."""
+        predicate = models.linearize_predicate(core["params"], self.config.linearize)
+        lin, fix_params = kernels.split_params(core["params"], predicate)
+        fix = {"params": fix_params, **{k: v for k, v in core.items() if k != "params"}}
+        return lin, fix
+
+    def _apply(self, lin: PyTree, fix: PyTree, x: jax.Array) -> jax.Array:
+        variables = {**fix, "params": kernels.merge_params(fix["params"], lin)}
+        return self.model.apply(variables, x, train=False)
+
+    def _build_kernels(self) -> None:
+        bs = self.batch_size
+
+        def grad_batch(args, batch):
+            lin, fix, w_u = args
+            x, t, c = batch
+            g, loss = kernels.square_loss_grad_sum(lambda p: self._apply(p, fix, x), lin, w_u, t, c)
+            return g, loss
+
+        def gn_batch(args, batch):
+            lin, fix, v = args
+            x, c = batch
+            return kernels.gn_matvec_sum(lambda p: self._apply(p, fix, x), lin, v, c)
+
+        grad_sum = mesh_lib.data_parallel_sum(grad_batch, self.mesh, bs)
+        gn_sum = mesh_lib.data_parallel_sum(gn_batch, self.mesh, bs)
+
+        def gradient(lin, fix, w_u, x, t, c, mu):
+            """g_{D_r}(w_u) and L_{D_r}(w_u) (mean over retained, plus μ terms)."""
+            count = jnp.maximum(jnp.sum(c), 1).astype(x.dtype)
+            g, loss = grad_sum((lin, fix, w_u), (x, t, c))
+            g = kernels.tree_axpy(mu, w_u, kernels.tree_scale(1 / count, g))
+            return g, loss / count + 0.5 * mu * kernels.tree_vdot(w_u, w_u)
+
+        def hessian_matvec(lin, fix, v, x, c, mu):
+            count = jnp.maximum(jnp.sum(c), 1).astype(x.dtype)
+            return kernels.tree_axpy(mu, v, kernels.tree_scale(1 / count, gn_sum((lin, fix, v), (x, c))))
+
+        def newton_step(lin, fix, w_u, x, t, c, mu, tol, atol, maxiter):
+            g, _ = gradient(lin, fix, w_u, x, t, c, mu)
+            v, info = kernels.cg_solve(
+                lambda u: hessian_matvec(lin, fix, u, x, c, mu), g, tol=tol, atol=atol, maxiter=maxiter
+            )
+            return kernels.tree_sub(w_u, v), kernels.tree_norm(g), kernels.tree_norm(v), info
+
+        def largest_eigenvalue(lin, fix, x, c, mu, v0):
+            lam, _ = kernels.power_iteration(lambda u: hessian_matvec(lin, fix, u, x, c, mu), v0, 50)
+            return lam
+
+        def predict(lin, fix, w_u, x):
+            return kernels.linearized_apply(lambda p: self._apply(p, fix, x), lin, w_u)
+
+        self._gradient = jax.jit(_highest(gradient))
+        self._hessian_matvec = jax.jit(_highest(hessian_matvec))
+        self._newton_step = jax.jit(_highest(newton_step))
+        self._largest_eigenvalue = jax.jit(_highest(largest_eigenvalue))
+        self._predict = jax.jit(_highest(predict))
+
+    def _device_data(self, dtype) -> tuple[jax.Array, jax.Array]:
+        if dtype == jnp.float32:
+            return self._x, self._t
+        if self._data64 is None:
+            self._data64 = (self._x.astype(jnp.float64), self._t.astype(jnp.float64))
+        return self._data64
+
+    def _weights(self, removed_by, dtype) -> jax.Array:
+        """Per-row weights over the padded layout: 1 for retained samples, 0 for removed and padding."""
+        mask = np.zeros(self.num_padded, np.float32)
+        mask[: self.num_train] = ledger.retain_mask(removed_by)
+        return mesh_lib.shard_rows(mask.astype(dtype), self.mesh, self.num_padded // self.mesh.size)
+
+    # ----------------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------------
+
+    def train_core(self, key: jax.Array) -> PyTree:
+        """Trains ``w_c`` with cross-entropy on core data only; BN statistics come from core data only."""
+        core_set = self.splits.core()
+        variables = models.init_variables(self.model, key, core_set.x.shape[1:])
+        cc = self.config.core
+        seed = int(jax.random.randint(key, (), 0, 2**30))
+        variables, _ = train.train_classifier(
+            self.model, variables, core_set.x, core_set.y, epochs=cc.epochs, batch_size=cc.batch_size,
+            learning_rate=cc.learning_rate, momentum=cc.momentum, weight_decay=cc.weight_decay, seed=seed,
+            desc="core",
+        )
+        return models.batch_stats_from_data(self.model, variables, core_set.x)
+
+    def init(self, key: jax.Array, core: PyTree | None = None) -> MixedLinearState:
+        """Trains the core (unless given) and the user weights on the whole training set."""
+        key_core, key_user = jax.random.split(key)
+        if core is None:
+            core = self.train_core(key_core)
+        errors.check_finite(core, "core weights")
+        lin, _ = self.split(core)
+        state = MixedLinearState(
+            core=core,
+            w_u=kernels.tree_zeros_like(lin),
+            removed_by=ledger.new_ledger(self.num_train),
+            num_requests=jnp.zeros((), jnp.int32),
+        )
+        uc = self.config.user
+        if uc.solver == "cg":
+            w_u, _ = self.solve(state, dtype=jnp.float64, tol=uc.tol, maxiter=uc.maxiter, on_fail="warn")
+            w_u = kernels.tree_cast(w_u, jnp.float32)
+        elif uc.solver == "sgd":
+            w_u = self.sgd_train(state, epochs=uc.epochs, seed=int(jax.random.randint(key_user, (), 0, 2**30)))
+        else:
+            raise errors.ConfigError(f"user.solver must be 'cg' or 'sgd', got {uc.solver!r}.")
+        return state.replace(w_u=w_u)
+
+    def solve(
+        self,
+        state: MixedLinearState,
+        *,
+        w_start: PyTree | None = None,
+        dtype=jnp.float32,
+        tol: float | None = None,
+        atol: float = 0.0,
+        maxiter: int | None = None,
+        on_fail: str | None = None,
+    ) -> tuple[PyTree, kernels.CGInfo]:
+        """The exact minimiser ``w*`` of ``L_{D_r}`` for the state's retained set, by one Newton-CG step.
+
+        Starting from ``w_start`` (zeros: a CG retrain from scratch; the previous optimum: a warm
+        start), one Newton step lands on ``w*`` up to the CG tolerance, which is relative to the
+        gradient at ``w_start``. With ``dtype=jnp.float64`` the whole solve runs in float64 (the
+        reference for every accuracy claim).
+
+        Returns:
+          ``(w, info)`` with ``w`` in ``dtype``.
+        """
+        tol = self.config.tol if tol is None else tol
+        maxiter = self.config.maxiter if maxiter is None else maxiter
+        ctx = compat.enable_x64() if dtype == jnp.float64 else _nullcontext()
+        with ctx:
+            lin, fix = kernels.tree_cast(self.split(state.core), dtype)
+            w0 = kernels.tree_zeros_like(lin) if w_start is None else kernels.tree_cast(w_start, dtype)
+            x, t = self._device_data(dtype)
+            c = self._weights(state.removed_by, dtype)
+            w, _, _, info = self._newton_step(lin, fix, w0, x, t, c, self.config.mu, tol, atol, maxiter)
+            kernels.check_converged(info, what="retrain solve", on_fail=on_fail or self.config.on_fail)
+            return w, info
+
+    def gradient(self, state: MixedLinearState, w_u: PyTree | None = None) -> tuple[PyTree, float]:
+        """``(g_{D_r}(w_u), L_{D_r}(w_u))`` with one exact pass over the retained data (float32)."""
+        lin, fix = self.split(state.core)
+        w_u = state.w_u if w_u is None else w_u
+        g, loss = self._gradient(lin, fix, w_u, self._x, self._t, self._weights(state.removed_by, jnp.float32),
+                                 self.config.mu)
+        return g, float(loss)
+
+    def largest_eigenvalue(self, state: MixedLinearState) -> float:
+        """β = λ_max(H_{D_r}) by 50 power iterations (the smoothness constant; κ = β/μ)."""
+        lin, fix = self.split(state.core)
+        v0 = kernels.tree_random_normal(jax.random.key(0), lin)
+        return float(self._largest_eigenvalue(lin, fix, self._x, self._weights(state.removed_by, jnp.float32),
+                                              self.config.mu, v0))
+
+    # ----------------------------------------------------------------------------------------------
+    # SGD: the paper's training recipe and its forget solver
+    # ----------------------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def _sgd_epoch(self):
+        def batch_grad(lin, fix, w, x, t, c, mu, g_exact, quadratic):
+            """Minibatch gradient of L_B(w) (training), or of the auxiliary quadratic ½wᵀH_B w − gᵀw."""
+            f = lambda p: self._apply(p, fix, x)
+            count = jnp.maximum(jnp.sum(c), 1).astype(x.dtype)
+            if quadratic:
+                gb = kernels.gn_matvec_sum(f, lin, w, c)
+                return kernels.tree_sub(kernels.tree_axpy(mu, w, kernels.tree_scale(1 / count, gb)), g_exact)
+            gb, _ = kernels.square_loss_grad_sum(f, lin, w, t, c)
+            return kernels.tree_axpy(mu, w, kernels.tree_scale(1 / count, gb))
+
+        def epoch(quadratic, lin, fix, w, velocity, x, t, c, batches, mu, g_exact, lr0, momentum, step0, total):
+            # SGD with (heavy-ball) momentum and cosine decay, written out so that every hyperparameter
+            # is a traced value: one compiled epoch serves training, retraining and every request.
+            def step(carry, idx):
+                w, velocity, k = carry
+                grad = batch_grad(lin, fix, w, x[idx], t[idx], c[idx], mu, g_exact, quadratic)
+                frac = jnp.minimum(k / total, 1.0).astype(lr0.dtype)
+                lr = lr0 * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+                velocity = kernels.tree_axpy(momentum, velocity, grad)
+                return (kernels.tree_axpy(-lr, velocity, w), velocity, k + 1), None
+
+            (w, velocity, _), _ = jax.lax.scan(step, (w, velocity, step0), batches)
+            return w, velocity
+
+        return jax.jit(_highest(epoch), static_argnums=(0,))
+
+    def _run_sgd(self, state, w, *, epochs, batch_size, learning_rate, momentum, seed, g_exact=None):
+        lin, fix = self.split(state.core)
+        c = self._weights(state.removed_by, jnp.float32)
+        velocity = kernels.tree_zeros_like(w)
+        g = kernels.tree_zeros_like(w) if g_exact is None else g_exact
+        steps_per_epoch = self.num_padded // batch_size
+        total = jnp.float32(max(epochs * steps_per_epoch, 1))
+        for epoch in range(epochs):
+            batches = np.stack(data_lib.batch_indices(self.num_padded, batch_size, seed=seed, epoch=epoch,
+                                                      drop_last=True))
+            w, velocity = self._sgd_epoch(
+                g_exact is not None, lin, fix, w, velocity, self._x, self._t, c, jax.device_put(batches),
+                self.config.mu, g, jnp.float32(learning_rate), jnp.float32(momentum),
+                jnp.int32(epoch * steps_per_epoch), total,
+            )
+        return w
+
+    def sgd_train(self, state: MixedLinearState, *, epochs: int | None = None, seed: int = 0) -> PyTree:
+        """The paper's recipe for ``w_u`` on the retained data: SGD + momentum, cosine decay, from 0.
+
+        This is also the "50-epoch SGD retrain" baseline every forget is compared with.
+        """
+        uc = self.config.user
+        return self._run_sgd(state, kernels.tree_zeros_like(state.w_u), epochs=uc.epochs if epochs is None else epochs,
+                             batch_size=uc.batch_size, learning_rate=uc.learning_rate, momentum=uc.momentum,
+                             seed=seed)
+
+    def _beta_bound(self, state: MixedLinearState, new_removed) -> float:
+        """An upper bound on λ_max(H_{D_r}) from one power iteration on the full set, cached.
+
+        ``(1/n_r) Σ_{D_r} J_iᵀJ_i ⪯ (n/n_r) (1/n) Σ_D J_iᵀJ_i``, so no per-request power iteration.
+        """
+        if getattr(self, "_beta_full", None) is None:
+            self._beta_full = self.largest_eigenvalue(state.replace(removed_by=ledger.new_ledger(self.num_train)))
+        n_r = int(ledger.retain_mask(new_removed).sum())
+        mu = self.config.mu
+        return mu + (self._beta_full - mu) * self.num_train / n_r
+
+    def _sgd_newton(self, state, new_removed, g, seed):
+        """The paper's forget solver: SGD on ½vᵀH_B v − gᵀv with exact g, step 1/β̂ with cosine decay."""
+        cfg = self.config
+        beta = self._beta_bound(state, new_removed)
+        return self._run_sgd(state.replace(removed_by=new_removed), kernels.tree_zeros_like(g),
+                             epochs=cfg.sgd_epochs, batch_size=cfg.sgd_batch_size, learning_rate=1.0 / beta,
+                             momentum=0.0, seed=seed, g_exact=g)
+
+    # ----------------------------------------------------------------------------------------------
+    # Forgetting
+    # ----------------------------------------------------------------------------------------------
+
+    def forget(
+        self, state: MixedLinearState, ids, *, key: jax.Array | None = None, sigma: float | None = None
+    ) -> tuple[MixedLinearState, ForgetInfo]:
+        """Forgets the samples ``ids``: one exact Newton step on the retained data, plus noise.
+
+        Args:
+          state: current state (not modified).
+          ids: user sample ids to forget (1-D integers).
+          key: PRNG key for the noise; by default a fresh key from the OS entropy pool, never stored.
+          sigma: noise std (defaults to ``config.sigma``).
+
+        Returns:
+          ``(new_state, info)``. ``info.w_pre_noise`` is the noise-free result (for evaluation only;
+          publishing it would undo the noise).
+
+        Raises:
+          EmptyRequestError, DuplicateIdsError, UnknownIdsError, CoreIdsError, AlreadyForgottenError,
+          ShapeDtypeError: invalid ids. NonFiniteError: NaN/Inf in weights or gradient.
+          CGNotConvergedError: the solve missed its tolerance (``config.on_fail="warn"`` to accept).
+          On any error the given state is untouched and no new state is returned.
+        """
+        cfg = self.config
+        sigma = cfg.sigma if sigma is None else float(sigma)
+        if sigma < 0:
+            raise errors.ConfigError(f"sigma must be >= 0, got {sigma}.")
+        positions = ledger.validate(state.removed_by, self.train_ids, self.core_ids, ids)
+        errors.check_finite(state.w_u, "user weights w_u")
+        request = int(state.num_requests) + 1
+        new_removed = ledger.record(state.removed_by, positions, request)
+        remaining_user = np.setdiff1d(self.train_ids[ledger.retain_mask(new_removed)], self.core_ids)
+        start = time.perf_counter()
+        if remaining_user.size == 0:
+            new_state = self.forget_all(state).replace(removed_by=new_removed)
+            info = ForgetInfo(request, len(positions), int(ledger.retain_mask(new_removed).sum()), "forget_all",
+                              0, 0.0, 0.0, 0.0, 0.0, 0.0, time.perf_counter() - start, new_state.w_u)
+            return new_state, info
+        lin, fix = self.split(state.core)
+        c = self._weights(new_removed, jnp.float32)
+        if cfg.solver == "cg":
+            w_new, g_norm, v_norm, cg = self._newton_step(
+                lin, fix, state.w_u, self._x, self._t, c, cfg.mu, cfg.tol, 0.0, cfg.maxiter
+            )
+            kernels.check_converged(cg, what=f"forget request {request} (Newton-CG)", on_fail=cfg.on_fail)
+            iterations, rel = int(cg.iterations), float(cg.rel_residual)
+            passes = iterations + 2.0  # gradient pass + CG products + true-residual check
+        else:
+            g, _ = self._gradient(lin, fix, state.w_u, self._x, self._t, c, cfg.mu)
+            errors.check_finite(g, "residual gradient g")
+            v = self._sgd_newton(state, new_removed, g, seed=request)
+            w_new = kernels.tree_sub(state.w_u, v)
+            resid = kernels.tree_sub(self._hessian_matvec(lin, fix, v, self._x, c, cfg.mu), g)
+            g_norm, v_norm = kernels.tree_norm(g), kernels.tree_norm(v)
+            rel = float(kernels.tree_norm(resid) / jnp.maximum(g_norm, 1e-30))
+            iterations = cfg.sgd_epochs * (self.num_padded // cfg.sgd_batch_size)
+            passes = 1.0 + cfg.sgd_epochs + 1.0  # exact g, SGD epochs, residual check (β is cached once)
+        errors.check_finite(w_new, f"weights after forget request {request}")
+        w_pre_noise = w_new
+        if sigma > 0:
+            if key is None:
+                key = jax.random.key(secrets.randbits(63))
+            w_new = kernels.tree_axpy(sigma, kernels.tree_random_normal(key, w_new), w_new)
+        jax.block_until_ready(w_new)
+        seconds = time.perf_counter() - start
+        new_state = state.replace(w_u=w_new, removed_by=new_removed, num_requests=jnp.int32(request))
+        info = ForgetInfo(
+            request=request, num_forgotten=len(positions), num_retained=int(ledger.retain_mask(new_removed).sum()),
+            solver=cfg.solver, iterations=iterations, passes=float(passes), rel_residual=rel,
+            grad_norm=float(g_norm), step_norm=float(v_norm), sigma=sigma, seconds=seconds, w_pre_noise=w_pre_noise,
+        )
+        return new_state, info
+
+    def forget_all(self, state: MixedLinearState) -> MixedLinearState:
+        """Forgets every user sample exactly: ``w_u = 0``, so the model is the core model.
+
+        The ledger marks every remaining user sample as removed by a new request.
+        """
+        remaining = ledger.retain_mask(state.removed_by) & ~np.isin(self.train_ids, self.core_ids)
+        request = int(state.num_requests) + 1
+        removed = ledger.record(state.removed_by, np.flatnonzero(remaining), request)
+        return state.replace(w_u=kernels.tree_zeros_like(state.w_u), removed_by=removed,
+                             num_requests=jnp.int32(request))
+
+    # ----------------------------------------------------------------------------------------------
+    # Prediction
+    # ----------------------------------------------------------------------------------------------
+
+    def predict(self, state: MixedLinearState, x, *, w_u: PyTree | None = None, batch_size: int = 1024) -> jax.Array:
+        """Logits ``[n, K]`` of the mixed-linear model ``f_c(x) + J_c(x) w_u`` on images ``x: [n, H, W, C]``."""
+        x = np.asarray(x)
+        expected = tuple(self.splits.train.x.shape[1:])
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise errors.ShapeDtypeError(f"Inputs must have shape [n, {', '.join(map(str, expected))}], got {x.shape}.")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise errors.ShapeDtypeError(f"Inputs must be float images in [0, 1], got dtype {x.dtype}.")
+        errors.check_finite(x, "inputs x")
+        w_u = state.w_u if w_u is None else w_u
+        lin, fix = self.split(state.core)
+        dtype = jax.tree.leaves(w_u)[0].dtype
+        ctx = compat.enable_x64() if dtype == jnp.float64 else _nullcontext()
+        with ctx:
+            lin, fix = kernels.tree_cast((lin, fix), dtype)
+            out = [self._predict(lin, fix, w_u, jnp.asarray(x[i : i + batch_size], dtype))
+                   for i in range(0, len(x), batch_size)]
+            return jnp.concatenate(out).astype(jnp.float32)
+
+    def predict_core(self, state: MixedLinearState, x) -> jax.Array:
+        """Logits of the core network alone (``w_u = 0``)."""
+        return self.predict(state, x, w_u=kernels.tree_zeros_like(state.w_u))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Information readouts (spec §6)
+# --------------------------------------------------------------------------------------------------
+
+
+def kl_proxy(w_pre_noise: PyTree, w_oracle: PyTree, sigma: float, c: float = 1.0) -> float:
+    r"""Isotropic-Gaussian KL proxy :math:`\mathrm{KL}(N(m, c\sigma^2 I)\,\|\,N(w^*, \sigma^2 I))` in nats.
+
+    .. math::  \tfrac12\left[d(c - 1 - \ln c) + \lVert m - w^*\rVert^2/\sigma^2\right]
+
+    With an exact solver ``c = 1`` and ``m`` is the pre-noise weight vector. ``σ = 0`` gives ``inf``
+    unless ``m = w*``.
+
+    Examples:
+      >>> kl_proxy({"w": jnp.array([1.0, 0.0])}, {"w": jnp.zeros(2)}, sigma=0.5)
+      2.0
+    """
+    d = kernels.tree_size(w_pre_noise)
+    dist2 = float(kernels.tree_vdot(*(kernels.tree_sub(w_pre_noise, w_oracle),) * 2))
+    if sigma == 0:
+        return 0.0 if dist2 == 0 else float("inf")
+    return 0.5 * (d * (c - 1 - np.log(c)) + dist2 / sigma**2)
+
+
+def certificate_kl(residual_norm: float, mu: float, sigma: float) -> float:
+    r"""A-posteriori bound :math:`\rho^2 / (2\mu^2\sigma^2)` nats on the KL to the noisy exact retrain (spec §6.2)."""
+    if sigma == 0:
+        return 0.0 if residual_norm == 0 else float("inf")
+    return residual_norm**2 / (2 * mu**2 * sigma**2)
