@@ -184,7 +184,11 @@ class MixedLinear:
         predicate = models.linearize_predicate(core["params"], self.config.linearize)
         lin, fix_params = kernels.split_params(core["params"], predicate)
         fix = {"params": fix_params, **{k: v for k, v in core.items() if k != "params"}}
-        return lin, fix
+        return self._replicated((lin, fix))
+
+    def _replicated(self, tree: PyTree) -> PyTree:
+        """Places arguments replicated on the mesh: the same sharding every call, so jit never retraces."""
+        return mesh_lib.replicate(tree, self.mesh)
 
     def _apply(self, lin: PyTree, fix: PyTree, x: jax.Array) -> jax.Array:
         variables = {**fix, "params": kernels.merge_params(fix["params"], lin)}
@@ -316,8 +320,9 @@ class MixedLinear:
         maxiter = self.config.maxiter if maxiter is None else maxiter
         ctx = compat.enable_x64() if dtype == jnp.float64 else _nullcontext()
         with ctx:
-            lin, fix = kernels.tree_cast(self.split(state.core), dtype)
+            lin, fix = self._replicated(kernels.tree_cast(self.split(state.core), dtype))
             w0 = kernels.tree_zeros_like(lin) if w_start is None else kernels.tree_cast(w_start, dtype)
+            w0 = self._replicated(w0)
             x, t = self._device_data(dtype)
             c = self._weights(state.removed_by, dtype)
             w, _, _, info = self._newton_step(lin, fix, w0, x, t, c, self.config.mu, tol, atol, maxiter)
@@ -327,7 +332,7 @@ class MixedLinear:
     def gradient(self, state: MixedLinearState, w_u: PyTree | None = None) -> tuple[PyTree, float]:
         """``(g_{D_r}(w_u), L_{D_r}(w_u))`` with one exact pass over the retained data (float32)."""
         lin, fix = self.split(state.core)
-        w_u = state.w_u if w_u is None else w_u
+        w_u = self._replicated(state.w_u if w_u is None else w_u)
         g, loss = self._gradient(lin, fix, w_u, self._x, self._t, self._weights(state.removed_by, jnp.float32),
                                  self.config.mu)
         return g, float(loss)
@@ -374,6 +379,7 @@ class MixedLinear:
     def _run_sgd(self, state, w, *, epochs, batch_size, learning_rate, momentum, seed, g_exact=None):
         lin, fix = self.split(state.core)
         c = self._weights(state.removed_by, jnp.float32)
+        w = self._replicated(w)
         velocity = kernels.tree_zeros_like(w)
         g = kernels.tree_zeros_like(w) if g_exact is None else g_exact
         steps_per_epoch = self.num_padded // batch_size
@@ -458,19 +464,20 @@ class MixedLinear:
                               0, 0.0, 0.0, 0.0, 0.0, 0.0, time.perf_counter() - start, new_state.w_u)
             return new_state, info
         lin, fix = self.split(state.core)
+        w_u = self._replicated(state.w_u)
         c = self._weights(new_removed, jnp.float32)
         if cfg.solver == "cg":
             w_new, g_norm, v_norm, cg = self._newton_step(
-                lin, fix, state.w_u, self._x, self._t, c, cfg.mu, cfg.tol, 0.0, cfg.maxiter
+                lin, fix, w_u, self._x, self._t, c, cfg.mu, cfg.tol, 0.0, cfg.maxiter
             )
             kernels.check_converged(cg, what=f"forget request {request} (Newton-CG)", on_fail=cfg.on_fail)
             iterations, rel = int(cg.iterations), float(cg.rel_residual)
             passes = iterations + 2.0  # gradient pass + CG products + true-residual check
         else:
-            g, _ = self._gradient(lin, fix, state.w_u, self._x, self._t, c, cfg.mu)
+            g, _ = self._gradient(lin, fix, w_u, self._x, self._t, c, cfg.mu)
             errors.check_finite(g, "residual gradient g")
             v = self._sgd_newton(state, new_removed, g, seed=request)
-            w_new = kernels.tree_sub(state.w_u, v)
+            w_new = kernels.tree_sub(w_u, v)
             resid = kernels.tree_sub(self._hessian_matvec(lin, fix, v, self._x, c, cfg.mu), g)
             g_norm, v_norm = kernels.tree_norm(g), kernels.tree_norm(v)
             rel = float(kernels.tree_norm(resid) / jnp.maximum(g_norm, 1e-30))
@@ -521,7 +528,7 @@ class MixedLinear:
         dtype = jax.tree.leaves(w_u)[0].dtype
         ctx = compat.enable_x64() if dtype == jnp.float64 else _nullcontext()
         with ctx:
-            lin, fix = kernels.tree_cast((lin, fix), dtype)
+            lin, fix, w_u = self._replicated(kernels.tree_cast((lin, fix, w_u), dtype))
             out = [self._predict(lin, fix, w_u, jnp.asarray(x[i : i + batch_size], dtype))
                    for i in range(0, len(x), batch_size)]
             return jnp.concatenate(out).astype(jnp.float32)

@@ -1,0 +1,27 @@
+"""Shared helpers for config files: ``--config=file.py:quick,requests=3`` argument parsing."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+    """Parses ``"quick,requests=3"`` into typed fields, using ``spec`` as names, defaults and types.
+
+    A bare name means ``True``. Unknown names raise ``ValueError`` listing the valid ones.
+
+    Examples:
+      >>> parse_arg("quick,requests=3", quick=False, requests=10).to_dict()
+      {'quick': True, 'requests': 3}
+    """
+    out = ml_collections.ConfigDict(dict(spec))
+    for item in filter(None, (arg or "").split(",")):
+        name, _, value = item.partition("=")
+        if name not in spec:
+            raise ValueError(f"Unknown config argument {name!r}; valid: {', '.join(sorted(spec))}.")
+        kind = type(spec[name])
+        if kind is bool:
+            out[name] = value.lower() not in ("0", "false", "no") if value else True
+        else:
+            out[name] = kind(value)
+    return out
