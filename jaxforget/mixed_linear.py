@@ -366,7 +366,7 @@ class MixedLinear:
             def step(carry, idx):
                 w, velocity, k = carry
                 grad = batch_grad(lin, fix, w, x[idx], t[idx], c[idx], mu, g_exact, quadratic)
-                frac = jnp.minimum(k / total, 1.0).astype(lr0.dtype)
+                frac = jnp.minimum(k.astype(total.dtype) / total, 1.0).astype(lr0.dtype)
                 lr = lr0 * 0.5 * (1 + jnp.cos(jnp.pi * frac))
                 velocity = kernels.tree_axpy(momentum, velocity, grad)
                 return (kernels.tree_axpy(-lr, velocity, w), velocity, k + 1), None

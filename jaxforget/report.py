@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import tempfile
+
 import matplotlib
 
 matplotlib.use("Agg")

@@ -42,11 +42,30 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | Non
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1)
 
 
+def cosine_schedule(learning_rate: float, total_steps: int):
+    r"""Cosine decay :math:`\eta_t = \eta_0 \cdot \tfrac12 (1 + \cos(\pi \min(t/T, 1)))`.
+
+    Written out (rather than ``optax.cosine_decay_schedule``) so that it casts the integer step count
+    explicitly and works under strict dtype promotion.
+
+    Examples:
+      >>> float(cosine_schedule(1.0, 10)(jnp.int32(5)))
+      0.5
+    """
+    total = float(max(total_steps, 1))
+
+    def schedule(count):
+        frac = jnp.minimum(jnp.asarray(count).astype(jnp.float32) / total, 1.0)
+        return learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+    return schedule
+
+
 def make_optimizer(
     *, learning_rate: float, total_steps: int, momentum: float = 0.9, weight_decay: float = 0.0
 ) -> optax.GradientTransformation:
     """SGD with momentum, cosine-decayed learning rate and coupled L2 (never decoupled AdamW-style)."""
-    schedule = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+    schedule = cosine_schedule(learning_rate, total_steps)
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
         optax.sgd(schedule, momentum=momentum if momentum else None),
