@@ -1,10 +1,10 @@
 """Identities of the shared kernels against dense references (float64 on tiny problems)."""
 
 import jax
-from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from jaxforget import compat, errors, kernels, mesh
 

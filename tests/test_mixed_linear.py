@@ -232,7 +232,7 @@ def test_certificate_bounds_the_solver_error():
             q, _ = np.linalg.qr(rng.normal(size=(20, 20)))
             h = jnp.asarray((q * (mu + rng.uniform(0, 10, 20))) @ q.T)
             g = jnp.asarray(rng.normal(size=20))
-            v, info = kernels.cg_solve(lambda u: h @ u, g, tol=1e-2, maxiter=4)
+            v, info = kernels.cg_solve(lambda u, h=h: h @ u, g, tol=1e-2, maxiter=4)
             err = float(jnp.linalg.norm(v - jnp.linalg.solve(h, g)))
             assert err <= float(info.residual_norm) / mu
     delta = {"w": jnp.array([0.3, -0.4])}
