@@ -567,7 +567,7 @@ def kl_proxy(w_pre_noise: PyTree, w_oracle: PyTree, sigma: float, c: float = 1.0
     dist2 = float(kernels.tree_vdot(*(kernels.tree_sub(w_pre_noise, w_oracle),) * 2))
     if sigma == 0:
         return 0.0 if dist2 == 0 else float("inf")
-    return 0.5 * (d * (c - 1 - np.log(c)) + dist2 / sigma**2)
+    return float(0.5 * (d * (c - 1 - np.log(c)) + dist2 / sigma**2))
 
 
 def certificate_kl(residual_norm: float, mu: float, sigma: float) -> float:

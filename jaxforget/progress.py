@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from absl import logging
-from tqdm.auto import tqdm
+from tqdm.std import tqdm
 
 T = TypeVar("T")
 

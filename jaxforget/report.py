@@ -12,11 +12,8 @@ import os
 import sys
 import tempfile
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: never switches the caller's (e.g. a notebook's) backend
 
 SCHEMA_VERSION = 1
 
@@ -98,7 +95,6 @@ def write_json(obj: dict, path: str) -> None:
 def _save(fig, path: str) -> None:
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     os.replace(tmp, path)
 
 
@@ -108,7 +104,8 @@ def plot_requests(rep: dict, path: str) -> None:
     if not reqs:
         return
     k = [r["request"] for r in reqs]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
     for name, color in (("forget", "C3"), ("retain", "C0"), ("test", "C2")):
         ax1.plot(k, [r["readouts"][name]["accuracy"] for r in reqs], "o-", color=color, label=f"{name} (method)")
         ax1.plot(k, [r["readouts"][name]["oracle_accuracy"] for r in reqs], "x--", color=color,
@@ -130,7 +127,8 @@ def plot_sigma_sweep(rep: dict, path: str) -> None:
     """Test error and distance to the oracle (left), KL proxy (right) against the noise std σ."""
     rows = rep["sigma_sweep"]
     s = [r["sigma"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.semilogx(s, [r["test_error"] for r in rows], "o-", color="C3", label="test error")
     ax1.set(xlabel="noise std σ", ylabel="test error", title="Test error and residual vs σ")
     ax1b = ax1.twinx()

@@ -49,7 +49,7 @@ def cosine_schedule(learning_rate: float, total_steps: int):
     explicitly and works under strict dtype promotion.
 
     Examples:
-      >>> float(cosine_schedule(1.0, 10)(jnp.int32(5)))
+      >>> round(float(cosine_schedule(1.0, 10)(jnp.int32(5))), 6)
       0.5
     """
     total = float(max(total_steps, 1))
