@@ -26,6 +26,7 @@ Conventions: ``σ`` is a standard deviation; ``g`` and ``H`` use means over ``D_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import secrets
@@ -318,7 +319,7 @@ class MixedLinear:
         """
         tol = self.config.tol if tol is None else tol
         maxiter = self.config.maxiter if maxiter is None else maxiter
-        ctx = compat.enable_x64() if dtype == jnp.float64 else _nullcontext()
+        ctx = compat.enable_x64() if dtype == jnp.float64 else contextlib.nullcontext()
         with ctx:
             lin, fix = self._replicated(kernels.tree_cast(self.split(state.core), dtype))
             w0 = kernels.tree_zeros_like(lin) if w_start is None else kernels.tree_cast(w_start, dtype)
@@ -460,8 +461,11 @@ class MixedLinear:
         start = time.perf_counter()
         if remaining_user.size == 0:
             new_state = self.forget_all(state).replace(removed_by=new_removed)
-            info = ForgetInfo(request, len(positions), int(ledger.retain_mask(new_removed).sum()), "forget_all",
-                              0, 0.0, 0.0, 0.0, 0.0, 0.0, time.perf_counter() - start, new_state.w_u)
+            info = ForgetInfo(
+                request=request, num_forgotten=len(positions), num_retained=int(ledger.retain_mask(new_removed).sum()),
+                solver="forget_all", iterations=0, passes=0.0, rel_residual=0.0, grad_norm=0.0, step_norm=0.0,
+                sigma=0.0, seconds=time.perf_counter() - start, w_pre_noise=new_state.w_u,
+            )
             return new_state, info
         lin, fix = self.split(state.core)
         w_u = self._replicated(state.w_u)
@@ -526,7 +530,7 @@ class MixedLinear:
         w_u = state.w_u if w_u is None else w_u
         lin, fix = self.split(state.core)
         dtype = jax.tree.leaves(w_u)[0].dtype
-        ctx = compat.enable_x64() if dtype == jnp.float64 else _nullcontext()
+        ctx = compat.enable_x64() if dtype == jnp.float64 else contextlib.nullcontext()
         with ctx:
             lin, fix, w_u = self._replicated(kernels.tree_cast((lin, fix, w_u), dtype))
             out = [self._predict(lin, fix, w_u, jnp.asarray(x[i : i + batch_size], dtype))
@@ -536,14 +540,6 @@ class MixedLinear:
     def predict_core(self, state: MixedLinearState, x) -> jax.Array:
         """Logits of the core network alone (``w_u = 0``)."""
         return self.predict(state, x, w_u=kernels.tree_zeros_like(state.w_u))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------------------------------
