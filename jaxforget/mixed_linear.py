@@ -101,6 +101,10 @@ def default_method_config() -> ml_collections.ConfigDict:
     c.tol = 1e-5  # CG: ‖H v − g‖ ≤ tol·‖g‖
     c.maxiter = 3000
     c.on_fail = "raise"  # or "warn"
+    # CG preconditioner: "none", or "nystrom" (rank-r randomized Nyström sketch of the Gauss-Newton term,
+    # built once from core data, which is never forgotten, and reused by every request).
+    c.preconditioner = "none"
+    c.nystrom_rank = 200
     c.sgd_epochs = 3  # SGD solver: passes per request (paper: 2-3)
     c.sgd_batch_size = 256
     c.core = ml_collections.ConfigDict(
@@ -162,6 +166,10 @@ class MixedLinear:
         self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
         if config.solver not in ("cg", "sgd"):
             raise errors.ConfigError(f"solver must be 'cg' or 'sgd', got {config.solver!r}.")
+        if config.get("preconditioner", "none") not in ("none", "nystrom"):
+            raise errors.ConfigError(
+                f"preconditioner must be 'none' or 'nystrom', got {config.preconditioner!r}."
+            )
         if config.mu <= 0:
             raise errors.ConfigError(f"mu must be > 0 (it makes the user problem strongly convex), got {config.mu}.")
         train_set = splits.train
@@ -174,6 +182,8 @@ class MixedLinear:
         self._x, self._t = mesh_lib.shard_rows((train_set.x, targets), self.mesh, self.batch_size)
         self.num_padded = int(self._x.shape[0])
         self._data64 = None
+        self._pre_cache: dict = {}
+        self.preconditioner_seconds = 0.0  # build time of the last preconditioner (reported separately)
         self._build_kernels()
 
     # ----------------------------------------------------------------------------------------------
@@ -223,12 +233,19 @@ class MixedLinear:
             count = jnp.maximum(jnp.sum(c), 1).astype(x.dtype)
             return kernels.tree_axpy(mu, v, kernels.tree_scale(1 / count, gn_sum((lin, fix, v), (x, c))))
 
-        def newton_step(lin, fix, w_u, x, t, c, mu, tol, atol, maxiter):
+        def newton_step(lin, fix, w_u, x, t, c, mu, tol, atol, maxiter, pre=None):
             g, _ = gradient(lin, fix, w_u, x, t, c, mu)
+            precond = None if pre is None else kernels.nystrom_precond(pre, mu)
             v, info = kernels.cg_solve(
-                lambda u: hessian_matvec(lin, fix, u, x, c, mu), g, tol=tol, atol=atol, maxiter=maxiter
+                lambda u: hessian_matvec(lin, fix, u, x, c, mu), g, tol=tol, atol=atol, maxiter=maxiter,
+                precond=precond,
             )
             return kernels.tree_sub(w_u, v), kernels.tree_norm(g), kernels.tree_norm(v), info
+
+        def nystrom(lin, fix, x, c, key, rank):
+            count = jnp.maximum(jnp.sum(c), 1).astype(x.dtype)
+            data_term = lambda v: kernels.tree_scale(1 / count, gn_sum((lin, fix, v), (x, c)))
+            return kernels.nystrom_sketch(data_term, lin, rank, key)
 
         def largest_eigenvalue(lin, fix, x, c, mu, v0):
             lam, _ = kernels.power_iteration(lambda u: hessian_matvec(lin, fix, u, x, c, mu), v0, 50)
@@ -240,6 +257,7 @@ class MixedLinear:
         self._gradient = jax.jit(_highest(gradient))
         self._hessian_matvec = jax.jit(_highest(hessian_matvec))
         self._newton_step = jax.jit(_highest(newton_step))
+        self._nystrom = jax.jit(_highest(nystrom), static_argnums=(5,))
         self._largest_eigenvalue = jax.jit(_highest(largest_eigenvalue))
         self._predict = jax.jit(_highest(predict))
 
@@ -249,6 +267,32 @@ class MixedLinear:
         if self._data64 is None:
             self._data64 = (self._x.astype(jnp.float64), self._t.astype(jnp.float64))
         return self._data64
+
+    def preconditioner(self, state: MixedLinearState, dtype=jnp.float32) -> kernels.Nystrom | None:
+        """The CG preconditioner for ``state``'s core (``None`` when ``config.preconditioner == "none"``).
+
+        The Nyström sketch of ``(1/|D_c|) Σ_{D_c} J_iᵀJ_i`` uses core samples only: they are never
+        forgotten, so it holds no information about any forget request and serves every request
+        (``H_{D_r}`` differs from the full-data system by a low-rank term and a rescaling). Built once per
+        core and dtype, then cached on this object (it is not part of the state).
+        """
+        if self.config.get("preconditioner", "none") == "none":
+            return None
+        # Keyed by the core object's identity: a stale entry could only slow CG down, never change its answer.
+        cache_key = (id(state.core), jnp.dtype(dtype).name)
+        if cache_key not in self._pre_cache:
+            core_rows = np.isin(self.train_ids, self.core_ids)
+            mask = np.zeros(self.num_padded, np.float64)
+            mask[: self.num_train] = core_rows
+            c = mesh_lib.shard_rows(mask.astype(dtype), self.mesh, self.num_padded // self.mesh.size)
+            lin, fix = self._replicated(kernels.tree_cast(self.split(state.core), dtype))
+            x, _ = self._device_data(dtype)
+            start = time.perf_counter()
+            pre = self._nystrom(lin, fix, x, c, jax.random.key(0), int(self.config.nystrom_rank))
+            jax.block_until_ready(pre)
+            self._pre_cache[cache_key] = pre
+            self.preconditioner_seconds = time.perf_counter() - start
+        return self._pre_cache[cache_key]
 
     def _weights(self, removed_by, dtype) -> jax.Array:
         """Per-row weights over the padded layout: 1 for retained samples, 0 for removed and padding."""
@@ -306,13 +350,14 @@ class MixedLinear:
         atol: float = 0.0,
         maxiter: int | None = None,
         on_fail: str | None = None,
+        precondition: bool = True,
     ) -> tuple[PyTree, kernels.CGInfo]:
         """The exact minimiser ``w*`` of ``L_{D_r}`` for the state's retained set, by one Newton-CG step.
 
         Starting from ``w_start`` (zeros: a CG retrain from scratch; the previous optimum: a warm
         start), one Newton step lands on ``w*`` up to the CG tolerance, which is relative to the
         gradient at ``w_start``. With ``dtype=jnp.float64`` the whole solve runs in float64 (the
-        reference for every accuracy claim).
+        reference for every accuracy claim). ``precondition=False`` forces plain CG.
 
         Returns:
           ``(w, info)`` with ``w`` in ``dtype``.
@@ -326,7 +371,8 @@ class MixedLinear:
             w0 = self._replicated(w0)
             x, t = self._device_data(dtype)
             c = self._weights(state.removed_by, dtype)
-            w, _, _, info = self._newton_step(lin, fix, w0, x, t, c, self.config.mu, tol, atol, maxiter)
+            pre = self.preconditioner(state, dtype) if precondition else None
+            w, _, _, info = self._newton_step(lin, fix, w0, x, t, c, self.config.mu, tol, atol, maxiter, pre)
             kernels.check_converged(info, what="retrain solve", on_fail=on_fail or self.config.on_fail)
             return w, info
 
@@ -472,7 +518,7 @@ class MixedLinear:
         c = self._weights(new_removed, jnp.float32)
         if cfg.solver == "cg":
             w_new, g_norm, v_norm, cg = self._newton_step(
-                lin, fix, w_u, self._x, self._t, c, cfg.mu, cfg.tol, 0.0, cfg.maxiter
+                lin, fix, w_u, self._x, self._t, c, cfg.mu, cfg.tol, 0.0, cfg.maxiter, self.preconditioner(state)
             )
             kernels.check_converged(cg, what=f"forget request {request} (Newton-CG)", on_fail=cfg.on_fail)
             iterations, rel = int(cg.iterations), float(cg.rel_residual)

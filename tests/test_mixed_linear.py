@@ -342,3 +342,17 @@ def test_readouts_compare_with_the_oracle(setup):
     assert evaluate.activation_distance(logits, logits) == 0.0
     out = evaluate.compare({"test": logits}, {"test": logits}, {"test": splits.test.y})
     assert out["test"]["accuracy"] == out["test"]["oracle_accuracy"] > 0.5
+
+
+def test_nystrom_preconditioned_forget_reaches_the_same_solution_in_fewer_iterations(setup, dense):
+    splits, model, ml, state = setup
+    ids = splits.user_ids[110:120]
+    plain, plain_info = ml.forget(state, ids, sigma=0.0)
+    pre_ml = mixed_linear.MixedLinear(model, splits, small_config(preconditioner="nystrom", nystrom_rank=300),
+                                      mesh=mesh.make_mesh(1))
+    pre, pre_info = pre_ml.forget(state, ids, sigma=0.0)
+    w_ref = dense_minimiser(ml, dense, pre.removed_by)
+    assert rel(pre.w_u, w_ref) <= 1e-5 and rel(plain.w_u, w_ref) <= 1e-5
+    assert pre_info.iterations < plain_info.iterations
+    with pytest.raises(errors.ConfigError, match="preconditioner must be"):
+        mixed_linear.MixedLinear(model, splits, small_config(preconditioner="jacobi"))
