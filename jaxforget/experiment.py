@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import resource
 import time
 import warnings
 from typing import Any
@@ -84,14 +85,31 @@ def _readouts(ml, state, w_oracle64, splits, removed_ids) -> dict:
     return out
 
 
+def build(config: ml_collections.ConfigDict) -> tuple[data_lib.Splits, ml_lib.MixedLinear]:
+    """The dataset split and the method object a config describes."""
+    splits = data_lib.get_splits(config.data)
+    model = models.get_model(config.model)
+    device_mesh = mesh.make_mesh(config.num_devices or None)
+    return splits, ml_lib.MixedLinear(model, splits, config.method, mesh=device_mesh)
+
+
+def restore_latest_state(ml: ml_lib.MixedLinear, workdir: str) -> ml_lib.MixedLinearState:
+    """The state of the newest checkpoint in ``workdir`` (after a finished run: the last request's)."""
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint under {workdir}.")
+    state, _ = ckpt.restore(step, _abstract_state(ml))
+    ckpt.close()
+    return state
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the whole job and returns the report (also written to ``workdir/report.json``)."""
     os.makedirs(workdir, exist_ok=True)
     # ------------------------------------------------------------------ setup
-    splits = data_lib.get_splits(config.data)
-    model = models.get_model(config.model)
-    device_mesh = mesh.make_mesh(config.num_devices or None)
-    ml = ml_lib.MixedLinear(model, splits, config.method, mesh=device_mesh)
+    splits, ml = build(config)
+    device_mesh = ml.mesh
     plan = request_plan(splits, config.requests.num_requests, config.requests.fraction, config.requests.seed)
     plan_hash = hashlib.sha256(b"".join(r.astype(np.int64).tobytes() for r in plan)).hexdigest()[:16]
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint_max_to_keep)
@@ -125,6 +143,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "rel_distance_to_optimum": evaluate.weight_distance(state.w_u, w_oracle)["relative"],
     }
     meta.setdefault("initial", initial)
+    pre_seconds = 0.0
+    if config.method.preconditioner != "none":
+        # Built once, outside every request's timing; rebuilt here so that its time excludes compilation.
+        ml.clear_preconditioner()
+        ml.preconditioner(state)
+        pre_seconds = ml.preconditioner_seconds
     w_before_pre_noise = state.w_u
     # Nothing may recompile between requests: count the forget kernel's traces.
     traces_before = ml._newton_step._cache_size()
@@ -177,6 +201,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.save(k + 1, state, meta)
         eta.step(f"CG iterations {info.iterations}, residual to retrain {dist['relative']:.2e}")
     meta["recompilations_between_requests"] = int(ml._newton_step._cache_size() - traces_before)
+    meta["preconditioner_build_seconds"] = pre_seconds
+    meta["peak_host_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     # ------------------------------------------------------------------ noise sweep and forget-all
     if last_info is not None:

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 from flax import struct
 
-from jaxforget import compat, errors, kernels, ledger, models, train
+from jaxforget import compat, errors, evaluate, kernels, ledger, models, train
 from jaxforget import data as data_lib
 from jaxforget import mesh as mesh_lib
 
@@ -293,6 +293,10 @@ class MixedLinear:
             self._pre_cache[cache_key] = pre
             self.preconditioner_seconds = time.perf_counter() - start
         return self._pre_cache[cache_key]
+
+    def clear_preconditioner(self) -> None:
+        """Drops cached preconditioners (the next solve rebuilds them)."""
+        self._pre_cache.clear()
 
     def _weights(self, removed_by, dtype) -> jax.Array:
         """Per-row weights over the padded layout: 1 for retained samples, 0 for removed and padding."""
@@ -606,7 +610,7 @@ def kl_proxy(w_pre_noise: PyTree, w_oracle: PyTree, sigma: float, c: float = 1.0
       2.0
     """
     d = kernels.tree_size(w_pre_noise)
-    dist2 = float(kernels.tree_vdot(*(kernels.tree_sub(w_pre_noise, w_oracle),) * 2))
+    dist2 = evaluate.weight_distance(w_pre_noise, w_oracle)["l2"] ** 2  # host float64, any input dtypes
     if sigma == 0:
         return 0.0 if dist2 == 0 else float("inf")
     return float(0.5 * (d * (c - 1 - np.log(c)) + dist2 / sigma**2))

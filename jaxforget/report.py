@@ -56,6 +56,8 @@ def build(config, meta: dict, *, splits: dict, env: dict) -> dict:
         "requests": requests,
         "summary": summary,
         "recompilations_between_requests": meta.get("recompilations_between_requests"),
+        "preconditioner_build_seconds": meta.get("preconditioner_build_seconds"),
+        "peak_host_rss_mib": meta.get("peak_host_rss_mib"),
         "sigma_sweep": meta.get("sigma_sweep"),
         "forget_all": meta.get("forget_all"),
         "resumed_at": meta.get("resumed_at", []),

@@ -1,0 +1,57 @@
+"""Benchmark workloads for mixed-linear forgetting (timing ratios in one process, written to JSON).
+
+Command:
+  python -m launch.benchmark --config=configs/benchmark.py --workdir=runs/benchmark
+  python -m launch.benchmark --config=configs/benchmark.py:quick --workdir=runs/benchmark_quick
+
+Workloads (each a full forget job, see configs/mixed_linear_digits.py): digits with the head linearized, with and
+without the Nyström preconditioner; digits with every layer linearized (κ ≈ 1e6), plain and preconditioned; a
+synthetic CIFAR-shaped workload (32×32×3 images, CNN). Runtime on 2 CPU cores: ~15 minutes (quick: ~1 minute);
+on a GPU raise `synthetic_n`. Results: <workdir>/benchmark.json and one report.json per workload.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common, mixed_linear_digits
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = common.parse_arg(arg, quick=False, requests=5, full_requests=2, synthetic_n=1000)
+    c = ml_collections.ConfigDict()
+    c.repeats = 5
+    jobs = {}
+
+    def digits(linearize, preconditioner, requests):
+        job = mixed_linear_digits.get_config(f"requests={requests},sigma=0.0,linearize={linearize}")
+        job.method.preconditioner = preconditioner
+        job.method.on_fail = "warn"  # a benchmark records non-convergence instead of stopping
+        return job
+
+    if arg.quick:
+        job = digits("head", "none", 2)
+        job.model.hidden = (32,)
+        job.method.core.epochs = 10
+        job.method.user.epochs = 10
+        jobs["digits_head"] = job
+    else:
+        jobs["digits_head"] = digits("head", "none", arg.requests)
+        jobs["digits_head_nystrom"] = digits("head", "nystrom", arg.requests)
+        jobs["digits_head_nystrom"].method.nystrom_rank = 400
+        for pre in ("none", "nystrom"):
+            job = digits("all", pre, arg.full_requests)
+            job.method.maxiter = 20000
+            job.eval.oracle_maxiter = 60000
+            job.method.nystrom_rank = 400
+            jobs[f"digits_full_{pre}"] = job
+        syn = digits("head", "nystrom", arg.full_requests)
+        syn.data = ml_collections.ConfigDict(dict(name="synthetic", seed=0, n=arg.synthetic_n, image_shape=(32, 32, 3),
+                                                  num_classes=10, test_fraction=0.2, core_fraction=0.3))
+        syn.model = ml_collections.ConfigDict(dict(name="cnn", channels=(16, 32), hidden=64, num_classes=10))
+        syn.method.core.epochs = 15
+        syn.method.nystrom_rank = 200
+        syn.requests.fraction = 0.02
+        jobs["synthetic_cifar_cnn"] = syn
+    c.workloads = ml_collections.ConfigDict(jobs)
+    return c

@@ -1,0 +1,32 @@
+"""The benchmark job at quick size: its JSON holds measured, consistent figures (never timed assertions)."""
+
+import json
+
+import pytest
+
+from configs import benchmark as benchmark_config
+from jaxforget import benchmark
+
+pytestmark = pytest.mark.xdist_group("benchmark")
+
+
+def test_quick_benchmark_writes_consistent_json(tmp_path):
+    benchmark.run(benchmark_config.get_config("quick"), str(tmp_path))
+    out = json.loads((tmp_path / "benchmark.json").read_text())
+    w = out["workloads"]["digits_head"]
+    assert w["recompilations_between_requests"] == 0
+    assert w["num_linearized_params"] == 32 * 10 + 10
+    assert w["kappa"] > 1
+    assert len(w["per_request"]) == 2
+    for r in w["per_request"]:
+        assert r["forget_rel_error"] <= 1e-3 and r["influence_left"] <= 0.05
+        assert r["forget_passes"] == r["forget_cg_iterations"] + 2
+        assert set(r["retrain"]) == {"cg_retrain", "sgd_retrain"}
+        sgd = r["retrain"]["sgd_retrain"]
+        assert sgd["passes"] == 10 and 0 < sgd["rel_error"] < float("inf")
+        assert r["forget_over_retrain_time"]["sgd_retrain"] == pytest.approx(
+            r["forget_seconds"] / sgd["seconds"], rel=1e-9
+        )
+    k = w["kernels"]
+    assert k["gn_matvec_over_forward_backward"] == pytest.approx(k["gn_matvec_seconds"] / k["forward_backward_seconds"])
+    assert "| digits_head |" in benchmark.markdown(out)
