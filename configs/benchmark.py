@@ -3,6 +3,7 @@
 Command:
   python -m launch.benchmark --config=configs/benchmark.py --workdir=runs/benchmark
   python -m launch.benchmark --config=configs/benchmark.py:quick --workdir=runs/benchmark_quick
+  python -m launch.benchmark --config=configs/benchmark.py:full=0 --workdir=...   # without the κ≈1e6 workloads
 
 Workloads (each a full forget job, see configs/mixed_linear_digits.py): digits with the head linearized, with and
 without the Nyström preconditioner; digits with every layer linearized (κ ≈ 1e6), plain and preconditioned; a
@@ -18,7 +19,7 @@ from configs import common, mixed_linear_digits
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(arg, quick=False, requests=5, full_requests=2, synthetic_n=1000)
+    arg = common.parse_arg(arg, quick=False, requests=5, full_requests=2, synthetic_n=1000, full=True)
     c = ml_collections.ConfigDict()
     c.repeats = 5
     jobs = {}
@@ -39,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         jobs["digits_head"] = digits("head", "none", arg.requests)
         jobs["digits_head_nystrom"] = digits("head", "nystrom", arg.requests)
         jobs["digits_head_nystrom"].method.nystrom_rank = 400
-        for pre in ("none", "nystrom"):
+        for pre in ("none", "nystrom") if arg.full else ():
             job = digits("all", pre, arg.full_requests)
             job.method.maxiter = 20000
             job.eval.oracle_maxiter = 60000

@@ -82,6 +82,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "forget_seconds": r["forget"]["seconds"],
                     "forget_cg_iterations": r["forget"]["iterations"],
                     "forget_passes": r["forget"]["passes"],
+                    "forget_converged": r["forget"]["converged"],
+                    "forget_rel_residual": r["forget"]["rel_residual"],
+                    "oracle": r["oracle"],
                     "forget_rel_error": r["solver_residual_rel"],
                     "influence_left": r["influence_left"],
                     "retrain": r["retrain"],
@@ -141,3 +144,18 @@ def markdown(out: dict) -> str:
             f"| {w['kernels']['gn_matvec_over_forward_backward']:.2f} | {w['recompilations_between_requests']} |"
         )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # python -m jaxforget.benchmark runs/benchmark/benchmark.json [--readme [README.md]]
+    import json
+    import sys
+
+    with open(sys.argv[1]) as f:
+        table = markdown(json.load(f))
+    if "--readme" in sys.argv[2:]:
+        rest = sys.argv[sys.argv.index("--readme") + 1 :]
+        report.update_readme(rest[0] if rest else "README.md", table, sys.argv[1], block="benchmark",
+                             command=f"python -m jaxforget.benchmark {sys.argv[1]} --readme")
+    else:
+        print(table)
