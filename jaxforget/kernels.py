@@ -107,7 +107,7 @@ def tree_random_normal(key: Array, like: PyTree) -> PyTree:
 
 def tree_ravel(a: PyTree) -> Array:
     """Concatenates all leaves into one vector (small problems and dense references only)."""
-    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(a)])
+    return tree_ravel_with_unravel(a)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -496,11 +496,11 @@ def nystrom_sketch(
     References:
       Frangella, Tropp & Udell, Randomized Nyström Preconditioning, SIAM J. Matrix Anal. Appl. 2023, Alg. 2.1.
     """
-    flat, unravel = _ravel_like(like)
+    flat, unravel = tree_ravel_with_unravel(like)
     p = flat.shape[0]
     omega = jax.random.normal(key, (p, rank), flat.dtype)
     omega, _ = jnp.linalg.qr(omega)
-    apply_col = lambda col: _ravel_like(matvec(unravel(col)))[0]
+    apply_col = lambda col: tree_ravel_with_unravel(matvec(unravel(col)))[0]
     y = jax.lax.map(apply_col, omega.T, batch_size=chunk).T  # [P, r]
     nu = jnp.sqrt(jnp.asarray(p, flat.dtype)) * jnp.finfo(flat.dtype).eps * jnp.linalg.norm(y)
     y_nu = y + nu * omega
@@ -520,7 +520,7 @@ def nystrom_precond(nys: Nystrom, mu: Array | float) -> Callable[[PyTree], PyTre
     """
 
     def apply(r_tree):
-        r, unravel = _ravel_like(r_tree)
+        r, unravel = tree_ravel_with_unravel(r_tree)
         mu_ = jnp.asarray(mu, r.dtype)
         coef = jnp.matmul(nys.u.T, r, precision=HIGHEST)
         scaled = coef * ((nys.lam[-1] + mu_) / (nys.lam + mu_))
@@ -529,7 +529,8 @@ def nystrom_precond(nys: Nystrom, mu: Array | float) -> Callable[[PyTree], PyTre
     return apply
 
 
-def _ravel_like(tree: PyTree) -> tuple[Array, Callable[[Array], PyTree]]:
+def tree_ravel_with_unravel(tree: PyTree) -> tuple[Array, Callable[[Array], PyTree]]:
+    """``(vector, unravel)``: all leaves concatenated, and the map back to the tree's structure."""
     leaves, treedef = jax.tree.flatten(tree)
     shapes = [leaf.shape for leaf in leaves]
     sizes = [leaf.size for leaf in leaves]

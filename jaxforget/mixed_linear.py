@@ -281,10 +281,7 @@ class MixedLinear:
         # Keyed by the core object's identity: a stale entry could only slow CG down, never change its answer.
         cache_key = (id(state.core), jnp.dtype(dtype).name)
         if cache_key not in self._pre_cache:
-            core_rows = np.isin(self.train_ids, self.core_ids)
-            mask = np.zeros(self.num_padded, np.float64)
-            mask[: self.num_train] = core_rows
-            c = mesh_lib.shard_rows(mask.astype(dtype), self.mesh, self.num_padded // self.mesh.size)
+            c = self._row_weights(np.isin(self.train_ids, self.core_ids), dtype)
             lin, fix = self._replicated(kernels.tree_cast(self.split(state.core), dtype))
             x, _ = self._device_data(dtype)
             start = time.perf_counter()
@@ -300,9 +297,13 @@ class MixedLinear:
 
     def _weights(self, removed_by, dtype) -> jax.Array:
         """Per-row weights over the padded layout: 1 for retained samples, 0 for removed and padding."""
-        mask = np.zeros(self.num_padded, np.float32)
-        mask[: self.num_train] = ledger.retain_mask(removed_by)
-        return mesh_lib.shard_rows(mask.astype(dtype), self.mesh, self.num_padded // self.mesh.size)
+        return self._row_weights(ledger.retain_mask(removed_by), dtype)
+
+    def _row_weights(self, rows: np.ndarray, dtype) -> jax.Array:
+        """``bool[n_train]`` -> 0/1 weights over the padded, sharded row layout (padding rows get 0)."""
+        mask = np.zeros(self.num_padded, dtype)
+        mask[: self.num_train] = rows
+        return mesh_lib.shard_rows(mask, self.mesh, self.num_padded // self.mesh.size)
 
     # ----------------------------------------------------------------------------------------------
     # Training
