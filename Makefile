@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
 
-.PHONY: install demo test lint clean
+.PHONY: install demo compare test lint clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python -m launch.forget --config=configs/mixed_linear_digits.py --workdir=$(WORKDIR)
 	@echo "report: $(WORKDIR)/report.json  plots: $(WORKDIR)/*.png"
+
+# Every registered method and baseline on 3 seeds against the retrain oracle: report.json, compare.md, PNGs.
+compare: install
+	$(BIN)/python -m launch.compare --config=configs/compare_digits.py --workdir=runs/compare
+	$(BIN)/python -m jaxforget.report runs/compare/report.json --readme
 
 # Lint, then the whole suite (doctests of the package, tests, notebooks) on 2 workers.
 test: install

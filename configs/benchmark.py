@@ -24,35 +24,39 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.repeats = 5
     jobs = {}
 
-    def digits(linearize, preconditioner, requests):
+    def digits(linearize, solver, preconditioner, requests):
         job = mixed_linear_digits.get_config(f"requests={requests},sigma=0.0,linearize={linearize}")
+        job.method.solver = solver
         job.method.preconditioner = preconditioner
         job.method.on_fail = "warn"  # a benchmark records non-convergence instead of stopping
         return job
 
     if arg.quick:
-        job = digits("head", "none", 2)
+        job = digits("head", "auto", "none", 2)
         job.model.hidden = (32,)
         job.method.core.epochs = 10
         job.method.user.epochs = 10
         jobs["digits_head"] = job
     else:
-        jobs["digits_head"] = digits("head", "none", arg.requests)
-        jobs["digits_head_nystrom"] = digits("head", "nystrom", arg.requests)
-        jobs["digits_head_nystrom"].method.nystrom_rank = 400
-        for pre in ("none", "nystrom") if arg.full else ():
-            job = digits("all", pre, arg.full_requests)
+        jobs["digits_head_direct"] = digits("head", "auto", "none", arg.requests)
+        jobs["digits_head_cg"] = digits("head", "cg", "none", arg.requests)
+        jobs["digits_head_cg_nystrom"] = digits("head", "cg", "nystrom", arg.requests)
+        jobs["digits_head_cg_nystrom"].method.nystrom_rank = 400
+        for solver, pre in (("auto", "none"), ("cg", "nystrom")) if arg.full else ():
+            job = digits("all", solver, pre, arg.full_requests)
             job.method.maxiter = 20000
             job.eval.oracle_maxiter = 60000
             job.method.nystrom_rank = 400
-            jobs[f"digits_full_{pre}"] = job
-        syn = digits("head", "nystrom", arg.full_requests)
-        syn.data = ml_collections.ConfigDict(dict(name="synthetic", seed=0, n=arg.synthetic_n, image_shape=(32, 32, 3),
-                                                  num_classes=10, test_fraction=0.2, core_fraction=0.3))
-        syn.model = ml_collections.ConfigDict(dict(name="cnn", channels=(16, 32), hidden=64, num_classes=10))
-        syn.method.core.epochs = 15
-        syn.method.nystrom_rank = 200
-        syn.requests.fraction = 0.02
-        jobs["synthetic_cifar_cnn"] = syn
+            jobs[f"digits_full_{'direct' if solver == 'auto' else 'cg_nystrom'}"] = job
+        for solver, pre in (("auto", "none"), ("cg", "nystrom")):
+            syn = digits("head", solver, pre, arg.full_requests)
+            syn.data = ml_collections.ConfigDict(dict(name="synthetic", seed=0, n=arg.synthetic_n,
+                                                      image_shape=(32, 32, 3), num_classes=10, test_fraction=0.2,
+                                                      core_fraction=0.3))
+            syn.model = ml_collections.ConfigDict(dict(name="cnn", channels=(16, 32), hidden=64, num_classes=10))
+            syn.method.core.epochs = 15
+            syn.method.nystrom_rank = 200
+            syn.requests.fraction = 0.02
+            jobs[f"synthetic_cifar_cnn_{'direct' if solver == 'auto' else 'cg_nystrom'}"] = syn
     c.workloads = ml_collections.ConfigDict(jobs)
     return c

@@ -7,14 +7,17 @@ from jaxforget import (
     checkpoint,
     compat,
     data,
+    distributional,
     errors,
     evaluate,
     experiment,
     kernels,
     ledger,
     mesh,
+    mia,
     mixed_linear,
     models,
+    oracle,
     report,
     train,
 )
@@ -22,6 +25,7 @@ from jaxforget.errors import (
     AlreadyForgottenError,
     CGNotConvergedError,
     CoreIdsError,
+    DirectSolveError,
     DuplicateIdsError,
     EmptyRequestError,
     NonFiniteError,
@@ -45,8 +49,8 @@ def get_method(name: str):
 
 
 __all__ = [
-    "METHODS", "AlreadyForgottenError", "CGNotConvergedError", "CoreIdsError", "DuplicateIdsError",
+    "METHODS", "AlreadyForgottenError", "CGNotConvergedError", "CoreIdsError", "DirectSolveError", "DuplicateIdsError",
     "EmptyRequestError", "MixedLinear", "MixedLinearState", "NonFiniteError", "ShapeDtypeError", "UnknownIdsError",
-    "checkpoint", "compat", "data", "default_method_config", "errors", "evaluate", "experiment", "get_method",
-    "kernels", "ledger", "mesh", "mixed_linear", "models", "report", "train",
+    "checkpoint", "compat", "data", "default_method_config", "distributional", "errors", "evaluate", "experiment",
+    "get_method", "kernels", "ledger", "mesh", "mia", "mixed_linear", "models", "oracle", "report", "train",
 ]

@@ -42,7 +42,8 @@ def kernel_ratios(ml, state, repeats: int = 5) -> dict:
 
     grad_fn = jax.jit(jax.grad(lambda p, x, y: train.cross_entropy(model.apply({**core, "params": p}, x), y)))
     forward = jax.jit(lambda x: model.apply(core, x))
-    t_gn = _median_time(lambda: ml._hessian_matvec(lin, fix, v, ml._x, c, ml.config.mu), repeats)
+    count = ml._count(state.removed_by, jnp.float32)
+    t_gn = _median_time(lambda: ml._hessian_matvec(lin, fix, v, ml._x, c, count, ml.config.mu), repeats)
     t_grad = _median_time(lambda: grad_fn(core["params"], ml._x, labels), repeats)
     t_ml = _median_time(lambda: ml._predict(lin, fix, w_u, ml._x), repeats)
     t_fwd = _median_time(lambda: forward(ml._x), repeats)
@@ -73,6 +74,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "train_seconds": rep["train_seconds"],
             "recompilations_between_requests": rep["recompilations_between_requests"],
             "preconditioner": job.method.preconditioner,
+            "solver": (rep.get("solver_choice") or {}).get("path", job.method.solver),
+            "solver_choice": rep.get("solver_choice"),
+            "direct_factor_seconds": rep.get("direct_factor_seconds"),
             "preconditioner_build_seconds": rep.get("preconditioner_build_seconds"),
             "num_linearized_params": kernels.tree_size(state.w_u),
             "kappa": ml.largest_eigenvalue(state) / job.method.mu,
@@ -116,15 +120,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return out
 
 
+def _build_seconds(w: dict) -> str:
+    """One-off build time (factorisation or preconditioner sketch), reported apart from the per-request time."""
+    value = w.get("direct_factor_seconds") or (w.get("preconditioner_build_seconds") or None)
+    return f"{value:.2f}" if value else "—"
+
+
 def markdown(out: dict) -> str:
     """A summary table: medians over requests per workload."""
     lines = [
         f"device: {out['environment']['device_kind']}; jax {out['environment']['jax']}",
         "",
-        "| workload | P | κ | precond. | CG its | forget s | rel. error | influence left | "
+        "| workload | P | κ | solver | precond. | build s | CG its | passes | forget s | rel. error | influence left | "
         "forget/CG-retrain time | CG-retrain rel. err | forget/SGD-retrain time | SGD-retrain rel. err | "
         "GN matvec / fwd+bwd | recompiles |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, w in out["workloads"].items():
         reqs = w["per_request"]
@@ -134,8 +144,10 @@ def markdown(out: dict) -> str:
             return statistics.median(vals) if vals else float("nan")
 
         lines.append(
-            f"| {name} | {w['num_linearized_params']} | {w['kappa']:.1e} | {w['preconditioner']} "
-            f"| {med(lambda r: r['forget_cg_iterations']):.0f} | {med(lambda r: r['forget_seconds']):.3f} "
+            f"| {name} | {w['num_linearized_params']} | {w['kappa']:.1e} | {w.get('solver', 'cg')} "
+            f"| {w['preconditioner']} | {_build_seconds(w)} "
+            f"| {med(lambda r: r['forget_cg_iterations']):.0f} | {med(lambda r: r['forget_passes']):.0f} "
+            f"| {med(lambda r: r['forget_seconds']):.3f} "
             f"| {med(lambda r: r['forget_rel_error']):.1e} | {med(lambda r: r['influence_left']):.1e} "
             f"| {med(lambda r: r['forget_over_retrain_time'].get('cg_retrain')):.2f} "
             f"| {med(lambda r: r['retrain'].get('cg_retrain', {}).get('rel_error')):.1e} "

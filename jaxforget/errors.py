@@ -55,6 +55,11 @@ class CGNotConvergedError(JaxForgetError, ArithmeticError):
     """The conjugate-gradient solver did not reach its tolerance within its iteration budget."""
 
 
+class DirectSolveError(JaxForgetError, ArithmeticError):
+    """A direct (factorised) solve failed: the matrix was not numerically positive definite, or the
+    solution's residual missed the tolerance."""
+
+
 class ConfigError(JaxForgetError, ValueError):
     """An invalid or inconsistent configuration value."""
 

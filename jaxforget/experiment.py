@@ -151,8 +151,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ml.preconditioner(state)
         pre_seconds = ml.preconditioner_seconds
     w_before_pre_noise = state.w_u
-    # Nothing may recompile between requests: count the forget kernel's traces.
-    traces_before = ml._newton_step._cache_size()
+    # Nothing may recompile between requests: count the forget kernels' traces (the direct path pads the removed
+    # set to powers of two, so it may compile O(log requests) times; the count is reported either way).
+    traces_before = _forget_traces(ml)
+    choice = ml.choose_solver(state.core)
+    meta["solver_choice"] = choice.to_json()
+    if choice.path.startswith("direct"):
+        meta["direct_factor_seconds"] = ml.direct_factor(state).build_seconds
 
     # ------------------------------------------------------------------ the request stream
     eta = progress.Eta(len(plan), "requests", done=step)
@@ -202,7 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, w_oracle, w_before_pre_noise, last_info = new_state, w_new_oracle, info.w_pre_noise, info
         ckpt.save(k + 1, state, meta)
         eta.step(f"CG iterations {info.iterations}, residual to retrain {dist['relative']:.2e}")
-    meta["recompilations_between_requests"] = int(ml._newton_step._cache_size() - traces_before)
+    meta["recompilations_between_requests"] = int(_forget_traces(ml) - traces_before)
     meta["preconditioner_build_seconds"] = pre_seconds
     meta["peak_host_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -225,6 +230,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         report.plot_sigma_sweep(out, os.path.join(workdir, "sigma_sweep.png"))
     ckpt.close()
     return out
+
+
+def _forget_traces(ml: ml_lib.MixedLinear) -> int:
+    """Compiled variants of every kernel a forget request runs."""
+    kernels_ = (ml._newton_step, ml._dual_remove, ml._primal_remove, ml._cholesky_solve, ml._jt_sum)
+    return sum(k._cache_size() for k in kernels_)
 
 
 def _sigma_sweep(ml, state, w_pre_noise, w_oracle, splits, config) -> list[dict]:

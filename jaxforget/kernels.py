@@ -544,3 +544,132 @@ def tree_ravel_with_unravel(tree: PyTree) -> tuple[Array, Callable[[Array], PyTr
         return treedef.unflatten(parts)
 
     return flat, unravel
+
+
+# --------------------------------------------------------------------------------------------------
+# Direct solves: Gram matrices of the linearized least-squares problem and exact row removal
+# --------------------------------------------------------------------------------------------------
+
+
+def per_example_jacobian(f_one: Callable[[PyTree, Array], Array], primal: PyTree, xs: Array) -> Array:
+    r"""Per-example output Jacobians :math:`J_i = \partial f(x_i)/\partial w`, ravelled: ``[B, K, P]``.
+
+    One reverse pass per output (``K`` VJPs) per example; the column order is that of
+    :func:`tree_ravel` on ``primal``.
+
+    Args:
+      f_one: ``(params, x) -> [K]`` outputs of a single example ``x`` (no batch axis).
+      primal: linearisation point (pytree with ``P`` entries).
+      xs: ``[B, ...]`` examples.
+
+    Returns:
+      ``[B, K, P]``.
+
+    Examples:
+      >>> f_one = lambda p, x: p["w"] @ x
+      >>> per_example_jacobian(f_one, {"w": jnp.ones((2, 3))}, jnp.eye(3)[:1]).shape
+      (1, 2, 6)
+    """
+
+    def one(x):
+        jac = jax.jacrev(lambda p: f_one(p, x))(primal)
+        return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in jax.tree.leaves(jac)], axis=1)
+
+    return jax.vmap(one)(xs)
+
+
+def jacobian_times(f: Callable[[PyTree], Array], primal: PyTree, tangents: Array) -> Array:
+    r"""``J T`` for many tangents at once: ``[B, K, T]`` from ravelled tangents ``T: [T, P]``.
+
+    One forward-mode pass per tangent, vmapped (the primal computation is shared): this is how a block
+    of Gram columns :math:`J J_A^\top` is computed without forming ``J`` for the whole dataset.
+
+    Args:
+      f: ``params -> [B, K]`` on a fixed batch.
+      primal: linearisation point.
+      tangents: ``[T, P]`` ravelled tangent vectors.
+    """
+    _, unravel = tree_ravel_with_unravel(primal)
+    jv = lambda t: jax.jvp(f, (primal,), (unravel(t),))[1]
+    return jax.vmap(jv, out_axes=-1)(tangents)
+
+
+def spd_cholesky(matrix: Array) -> Array:
+    r"""Lower Cholesky factor ``L`` (``LLᵀ = matrix``) of a symmetric positive-definite matrix.
+
+    A matrix that is not numerically positive definite comes back with NaNs (callers check).
+
+    Examples:
+      >>> spd_cholesky(jnp.array([[4.0, 2.0], [2.0, 2.0]])).tolist()
+      [[2.0, 0.0], [1.0, 1.0]]
+    """
+    return jnp.linalg.cholesky(matrix)
+
+
+def cholesky_solve(chol: Array, rhs: Array) -> Array:
+    """``(LLᵀ)⁻¹ rhs`` for ``rhs: [m]`` or ``[m, k]`` by two triangular solves (``2m²k`` flops)."""
+    return jax.scipy.linalg.cho_solve((chol, True), rhs)
+
+
+def dual_remove_rows(cols: Array, a_full: Array, rhs_rows: Array, rows: Array, valid: Array) -> Array:
+    r"""Solution of a linear system after deleting rows and columns ``F``, by the Schur complement.
+
+    For an SPD ``M`` (the dual matrix :math:`JJ^\top + \lambda I` over all rows) and a right-hand side
+    ``t``, the reduced system :math:`M_{RR}\,\alpha_R = t_R` is solved exactly from quantities of the
+    full system:
+
+    .. math::  a = M^{-1}t - M^{-1}_{:F}\, t_F,\qquad
+               \alpha = a - M^{-1}_{:F}\,(M^{-1}_{FF})^{-1} a_F ,
+
+    and ``α`` vanishes on ``F``. Cost :math:`O(N|F| + |F|^3)` once the columns :math:`M^{-1}_{:F}` are known
+    (``|F|`` triangular-solve pairs, cached across requests by the caller).
+
+    Args:
+      cols: ``[N, F]`` columns :math:`M^{-1}_{:F}` (padding columns arbitrary, masked by ``valid``).
+      a_full: ``[N]`` :math:`M^{-1} t`.
+      rhs_rows: ``[F]`` :math:`t_F`.
+      rows: ``[F]`` int indices of the removed rows (padding entries in range).
+      valid: ``[F]`` bool, ``False`` on padding (a padded slot is an identity block: it changes nothing).
+
+    Returns:
+      ``[N]`` the reduced solution, zero on ``F``.
+    """
+    dtype = cols.dtype
+    keep = valid.astype(dtype)
+    cols = cols * keep[None, :]
+    block = cols[rows] * keep[:, None] + jnp.diag(1.0 - keep)
+    a = a_full - jnp.matmul(cols, rhs_rows * keep, precision=HIGHEST)
+    coef = jnp.linalg.solve(block, a[rows] * keep)
+    return a - jnp.matmul(cols, coef, precision=HIGHEST)
+
+
+def primal_remove_rows(chol: Array, w_all: Array, jac_rows: Array, target_rows: Array) -> Array:
+    r"""Primal solution after removing rows (Woodbury): :math:`(A - J_F^\top J_F)^{-1}(b - J_F^\top t_F)`.
+
+    With the Cholesky factor of :math:`A = J^\top J + \lambda I` and :math:`w = A^{-1} b` computed once,
+    :math:`U = A^{-1} J_F^\top` and :math:`S = I - J_F U` (positive definite for :math:`\lambda > 0`):
+
+    .. math::  y = w - U t_F,\qquad w_R = y + U S^{-1} J_F\, y .
+
+    Cost :math:`O(P^2|F| + |F|^3)`; rows of zeros (padding) are identity rows of ``S``. When ``|F| ≥ P``
+    it refactorises :math:`A - J_F^\\top J_F` instead (``O(P^2|F| + P^3)``), with ``b = A w``. With ``w_all = A⁻¹r``
+    and ``target_rows = 0`` it applies :math:`(A - J_F^\top J_F)^{-1}` to any ``r`` (iterative refinement).
+
+    Args:
+      chol: ``[P, P]`` lower Cholesky factor of the full primal matrix.
+      w_all: ``[P]`` full-data solution.
+      jac_rows: ``[F, P]`` Jacobian rows of the removed outputs (zeros for padding).
+      target_rows: ``[F]`` their targets (zeros for padding).
+
+    Returns:
+      ``[P]`` the exact minimiser on the retained rows.
+    """
+    if jac_rows.shape[0] >= chol.shape[0]:
+        # More removed rows than parameters: refactorising A − J_FᵀJ_F (O(P²|F| + P³)) beats the |F|×|F| solve.
+        gram = jnp.matmul(chol, chol.T, precision=HIGHEST) - jnp.matmul(jac_rows.T, jac_rows, precision=HIGHEST)
+        rhs = jnp.matmul(chol, jnp.matmul(chol.T, w_all, precision=HIGHEST), precision=HIGHEST)
+        return cholesky_solve(spd_cholesky(gram), rhs - jnp.matmul(jac_rows.T, target_rows, precision=HIGHEST))
+    u = cholesky_solve(chol, jac_rows.T)  # [P, F]
+    s = jnp.eye(jac_rows.shape[0], dtype=chol.dtype) - jnp.matmul(jac_rows, u, precision=HIGHEST)
+    y = w_all - jnp.matmul(u, target_rows, precision=HIGHEST)
+    return y + jnp.matmul(u, jnp.linalg.solve(s, jnp.matmul(jac_rows, y, precision=HIGHEST)), precision=HIGHEST)

@@ -24,6 +24,7 @@ def small_config(**overrides):
     cfg.mu = 1e-2
     cfg.tol = 1e-5
     cfg.batch_size = 64
+    cfg.solver = "cg"  # these tests exercise the matrix-free path; tests/test_direct.py covers the direct one
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
@@ -51,11 +52,16 @@ def dense(setup):
     return jac, fc, unravel
 
 
+def normaliser(ml, keep):
+    """The loss normaliser n of the config's convention: |D| ("fixed") or |D_r| ("retained")."""
+    return ml.num_train if ml.config.regularization == "fixed" else int(keep.sum())
+
+
 def dense_minimiser(ml, dense, removed_by):
-    """Independent float64 lstsq on [J_r/√n_r ; √μ I] w = [(αY_r − F_c)/√n_r ; 0] (spec §12.8)."""
+    """Independent float64 lstsq on [J_r/√n ; √μ I] w = [(αY_r − F_c)/√n ; 0] (spec §12.8), n = normaliser."""
     jac, fc, _ = dense
     keep = ledger.retain_mask(removed_by)
-    n_r, p = int(keep.sum()), jac.shape[-1]
+    n_r, p = normaliser(ml, keep), jac.shape[-1]
     target = ml.config.target_scale * np.eye(ml.num_classes)[ml.splits.train.y[keep]]
     a = np.vstack([jac[keep].reshape(-1, p) / np.sqrt(n_r), np.sqrt(ml.config.mu) * np.eye(p)])
     b = np.concatenate([(target - fc[keep]).reshape(-1) / np.sqrt(n_r), np.zeros(p)])
@@ -118,7 +124,7 @@ def test_sum_form_hessian_with_mean_gradient_is_wrong(setup, dense):
     p = jac_all.shape[-1]
     jac, fc = jac_all[keep].reshape(-1, p), fc_all[keep].reshape(-1)
     w0 = np.asarray(kernels.tree_ravel(state.w_u), np.float64)
-    n_r, mu = int(keep.sum()), ml.config.mu
+    n_r, mu = normaliser(ml, keep), ml.config.mu
     t = np.eye(ml.num_classes)[splits.train.y[keep]].reshape(-1)
     g_mean = jac.T @ (fc + jac @ w0 - t) / n_r + mu * w0
     h_sum = jac.T @ jac + mu * np.eye(p)
@@ -146,7 +152,10 @@ def test_masked_retain_set_equals_physically_reduced_data(setup):
     keep = np.setdiff1d(splits.train.ids, ids)
     reduced = data.Splits(train=splits.train.subset(keep), test=splits.test, core_ids=splits.core_ids,
                           user_ids=np.setdiff1d(splits.user_ids, ids), seed=splits.seed)
-    ml_reduced = mixed_linear.MixedLinear(model, reduced, ml.config, mesh=mesh.make_mesh(1))
+    cfg = ml.config.copy_and_resolve_references()
+    if cfg.regularization == "fixed":  # (1/n)Σ_{D_r} + μ/2‖w‖² has the minimiser of (1/n_r)Σ_{D_r} + (μn/n_r)/2‖w‖²
+        cfg.mu = ml.config.mu * ml.num_train / len(keep)
+    ml_reduced = mixed_linear.MixedLinear(model, reduced, cfg, mesh=mesh.make_mesh(1))
     fresh = mixed_linear.MixedLinearState(core=state.core, w_u=state.w_u, removed_by=ledger.new_ledger(len(keep)),
                                           num_requests=jnp.int32(0))
     w64, _ = ml_reduced.solve(fresh, dtype=jnp.float64, tol=1e-12, maxiter=5000)

@@ -1,0 +1,218 @@
+"""The direct (factorised) forget path: primal Woodbury and dual Schur removal vs dense float64 solves."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxforget import compat, data, errors, kernels, ledger, mesh, mixed_linear, models
+
+pytestmark = pytest.mark.xdist_group("mixed_linear")
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels on random matrices
+# ------------------------------------------------------------------------------------------------
+
+
+def random_problem(rng, rows=40, params=25, lam=0.3):
+    jac = rng.normal(size=(rows, params))
+    targets = rng.normal(size=rows)
+    return jac, targets, lam
+
+
+def reduced_solution(jac, targets, lam, removed):
+    keep = np.setdiff1d(np.arange(jac.shape[0]), removed)
+    j, t = jac[keep], targets[keep]
+    return np.linalg.solve(j.T @ j + lam * np.eye(jac.shape[1]), j.T @ t)
+
+
+@pytest.mark.parametrize("rows, params", [(40, 25), (20, 60), (40, 3)])  # Woodbury (dual-sized), refactor
+def test_dual_and_primal_removal_equal_a_dense_solve_of_the_reduced_problem(rows, params):
+    rng = np.random.default_rng(0)
+    jac, targets, lam = random_problem(rng, rows, params)
+    removed = np.array([3, 7, 8, 19])
+    expected = reduced_solution(jac, targets, lam, removed)
+    with compat.enable_x64():
+        chol = kernels.spd_cholesky(jnp.asarray(jac @ jac.T + lam * np.eye(rows)))
+        t = jnp.asarray(targets)
+        # Padding: two extra (invalid) slots pointing at arbitrary rows change nothing.
+        padded = np.concatenate([removed, [0, 5]])
+        valid = np.array([True] * len(removed) + [False, False])
+        cols = kernels.cholesky_solve(chol, jnp.eye(rows, dtype=jnp.float64)[:, padded])
+        alpha = kernels.dual_remove_rows(cols, kernels.cholesky_solve(chol, t), t[padded], jnp.asarray(padded),
+                                         jnp.asarray(valid))
+        np.testing.assert_allclose(np.asarray(alpha)[removed], 0.0, atol=1e-12)
+        w_dual = jac.T @ np.asarray(alpha)
+        a_chol = kernels.spd_cholesky(jnp.asarray(jac.T @ jac + lam * np.eye(params)))
+        w_all = kernels.cholesky_solve(a_chol, jnp.asarray(jac.T @ targets))
+        rows_f = np.vstack([jac[removed], np.zeros((2, params))])
+        t_f = np.concatenate([targets[removed], [0.0, 0.0]])
+        w_primal = np.asarray(kernels.primal_remove_rows(a_chol, w_all, jnp.asarray(rows_f), jnp.asarray(t_f)))
+    assert np.linalg.norm(w_dual - expected) <= 1e-10 * np.linalg.norm(expected)
+    assert np.linalg.norm(w_primal - expected) <= 1e-10 * np.linalg.norm(expected)
+    # Against lstsq of the stacked system [J_r; √λ I] w = [t_r; 0] as well.
+    keep = np.setdiff1d(np.arange(rows), removed)
+    stacked = np.vstack([jac[keep], np.sqrt(lam) * np.eye(params)])
+    lstsq = np.linalg.lstsq(stacked, np.concatenate([targets[keep], np.zeros(params)]), rcond=None)[0]
+    assert np.linalg.norm(w_dual - lstsq) <= 1e-10 * np.linalg.norm(lstsq)
+
+
+def test_a_sequence_of_downdates_equals_refactoring_the_reduced_gram_matrix():
+    rng = np.random.default_rng(1)
+    jac, targets, lam = random_problem(rng, 60, 80, lam=1e-2)
+    with compat.enable_x64():
+        chol = kernels.spd_cholesky(jnp.asarray(jac @ jac.T + lam * np.eye(60)))
+        t = jnp.asarray(targets)
+        a_full = kernels.cholesky_solve(chol, t)
+        removed = np.array([], np.int64)
+        for request in ([4, 5], [30], [11, 12, 13, 50]):
+            removed = np.concatenate([removed, request])
+            cols = kernels.cholesky_solve(chol, jnp.eye(60, dtype=jnp.float64)[:, removed])
+            alpha = kernels.dual_remove_rows(cols, a_full, t[removed], jnp.asarray(removed),
+                                             jnp.ones(len(removed), bool))
+            keep = np.setdiff1d(np.arange(60), removed)
+            g_r = jac[keep] @ jac[keep].T + lam * np.eye(len(keep))
+            refactored = np.linalg.solve(g_r, targets[keep])  # a fresh factorisation of the reduced Gram
+            np.testing.assert_allclose(np.asarray(alpha)[keep], refactored, rtol=1e-8, atol=1e-10)
+
+
+def test_per_example_jacobian_and_jacobian_times_match_jacfwd():
+    w = {"a": jnp.arange(6.0).reshape(2, 3) / 7, "b": jnp.array([0.5, -1.0])}
+    xs = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
+    f = lambda p, x: jnp.tanh(p["a"] @ x) + p["b"]
+    jac = kernels.per_example_jacobian(f, w, xs)  # [4, 2, 8]
+    flat, unravel = kernels.tree_ravel_with_unravel(w)
+    dense = jax.vmap(lambda x: jax.jacfwd(lambda v: f(unravel(v), x))(flat))(xs)
+    np.testing.assert_allclose(jac, dense, rtol=1e-6)
+    tangents = jnp.asarray(np.random.default_rng(1).normal(size=(3, 8)), jnp.float32)
+    jt = kernels.jacobian_times(lambda p: jax.vmap(lambda x: f(p, x))(xs), w, tangents)  # [4, 2, 3]
+    np.testing.assert_allclose(jt, jnp.einsum("bkp,tp->bkt", dense, tangents), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The method: both spaces against the dense float64 minimiser, and against each other
+# ------------------------------------------------------------------------------------------------
+
+
+def small_config(**overrides):
+    cfg = mixed_linear.default_method_config()
+    cfg.core.epochs = 5
+    cfg.linearize = "all"
+    cfg.mu = 1e-2
+    cfg.batch_size = 32
+    cfg.direct_block = 16
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def problem():
+    digits = data.load_digits()
+    splits = data.make_splits(digits.subset(digits.ids[:100]), test_fraction=0.2, core_fraction=0.3, seed=0)
+    model = models.MLP(hidden=(16,), activation="leaky_relu")  # P = 1,210 > N = 80·10
+    methods = {
+        space: mixed_linear.MixedLinear(model, splits, small_config(solver="direct", direct_space=space),
+                                        mesh=mesh.make_mesh(2))
+        for space in ("primal", "dual")
+    }
+    core = methods["primal"].train_core(jax.random.key(0))
+    states = {space: ml.init(jax.random.key(0), core=core) for space, ml in methods.items()}
+    with compat.enable_x64():
+        ml = methods["primal"]
+        lin, fix = ml.split(kernels.tree_cast(core, jnp.float64))
+        flat, unravel = kernels.tree_ravel_with_unravel(lin)
+        x = jnp.asarray(splits.train.x, jnp.float64)
+        jac = np.asarray(jax.jacfwd(lambda w: ml._apply(unravel(w), fix, x))(flat))
+        fc = np.asarray(ml._apply(lin, fix, x))
+    return splits, methods, states, (jac, fc)
+
+
+def dense_fixed_minimiser(ml, dense, removed_by):
+    """float64 lstsq of the fixed-normaliser problem: [J_r/√n ; √μ I] w = [(αY_r − f_c)/√n ; 0], n = |D|."""
+    jac, fc = dense
+    keep = ledger.retain_mask(removed_by)
+    n, p = ml.num_train, jac.shape[-1]
+    target = ml.config.target_scale * np.eye(ml.num_classes)[ml.splits.train.y[keep]]
+    a = np.vstack([jac[keep].reshape(-1, p) / np.sqrt(n), np.sqrt(ml.config.mu) * np.eye(p)])
+    b = np.concatenate([(target - fc[keep]).reshape(-1) / np.sqrt(n), np.zeros(p)])
+    return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def ravel64(tree):
+    """Host float64 ravel (jnp would round to float32 outside an x64 context)."""
+    return np.concatenate([np.asarray(leaf, np.float64).ravel() for leaf in jax.tree.leaves(tree)])
+
+
+def test_both_spaces_are_what_auto_would_choose_for_their_shapes(problem):
+    _, methods, states, (jac, _) = problem
+    p, rows = jac.shape[-1], jac.shape[0] * jac.shape[1]
+    assert p > rows  # this problem's dual is the smaller space
+    for space, ml in methods.items():
+        choice = ml.choose_solver(states[space].core)
+        assert choice.path == f"direct-{space}" and (choice.num_params, choice.num_rows) == (p, rows)
+    auto = mixed_linear.MixedLinear(methods["primal"].model, methods["primal"].splits, small_config(),
+                                    mesh=mesh.make_mesh(1))
+    assert auto.choose_solver(states["primal"].core).path == "direct-dual"
+    small_limit = small_config(direct_max_size=rows - 1)
+    cg = mixed_linear.MixedLinear(auto.model, auto.splits, small_limit, mesh=mesh.make_mesh(1))
+    choice = cg.choose_solver(states["primal"].core)
+    assert choice.path == "cg" and "direct_max_size" in choice.reason
+
+
+def test_training_and_each_request_equal_the_dense_minimiser_in_both_spaces(problem):
+    splits, methods, states, dense = problem
+    requests = (splits.user_ids[:3], splits.user_ids[10:15], splits.user_ids[20:21])
+    finals = {}
+    for space, ml in methods.items():
+        state = states[space]
+        full, _, _, _ = ml._direct_solve(state, state.removed_by, state.w_u)
+        expected = dense_fixed_minimiser(ml, dense, state.removed_by)
+        assert np.linalg.norm(ravel64(full) - expected) <= 1e-8 * np.linalg.norm(expected)
+        for ids in requests:
+            state, info = ml.forget(state, ids, sigma=0.0)
+            assert info.solver == f"direct-{space}" and info.iterations == 0
+            assert info.rel_residual <= 1e-8
+            w64 = ravel64(ml._direct_solve(state, state.removed_by, state.w_u)[0])
+            expected = dense_fixed_minimiser(ml, dense, state.removed_by)
+            assert np.linalg.norm(w64 - expected) <= 1e-8 * np.linalg.norm(expected)
+            # The float32 state is that solution, rounded.
+            assert np.linalg.norm(ravel64(state.w_u) - expected) <= 1e-6 * np.linalg.norm(expected)
+        finals[space] = w64
+    np.testing.assert_allclose(finals["primal"], finals["dual"], rtol=0, atol=1e-9 * np.abs(finals["dual"]).max())
+
+
+def test_direct_forget_equals_a_float64_cg_retrain(problem):
+    splits, methods, states, _ = problem
+    ml = methods["dual"]
+    state, _ = ml.forget(states["dual"], splits.user_ids[30:34], sigma=0.0)
+    w_cg, info = ml.solve(state, dtype=jnp.float64, tol=1e-12, maxiter=20_000)
+    assert bool(info.converged)
+    w_direct = ml._direct_solve(state, state.removed_by, state.w_u)[0]
+    np.testing.assert_allclose(ravel64(w_direct), ravel64(w_cg), rtol=1e-7, atol=1e-9)
+
+
+def test_direct_needs_the_fixed_normaliser_and_auto_falls_back_to_cg(problem):
+    splits, methods, states, _ = problem
+    model = methods["primal"].model
+    with pytest.raises(errors.ConfigError, match="needs regularization='fixed'"):
+        mixed_linear.MixedLinear(model, splits, small_config(solver="direct", regularization="retained"))
+    ml = mixed_linear.MixedLinear(model, splits, small_config(regularization="retained"), mesh=mesh.make_mesh(1))
+    choice = ml.choose_solver(states["primal"].core)
+    assert choice.path == "cg" and "retained" in choice.reason
+    with pytest.raises(errors.ConfigError, match="direct_space must be"):
+        mixed_linear.MixedLinear(model, splits, small_config(direct_space="both")).choose_solver(
+            states["primal"].core)
+
+
+def test_a_failed_factorisation_or_residual_raises_and_keeps_the_state(problem):
+    splits, methods, states, _ = problem
+    ml = methods["primal"]
+    strict = mixed_linear.MixedLinear(ml.model, splits, small_config(solver="direct", tol=1e-30),
+                                      mesh=mesh.make_mesh(1))
+    state = states["primal"]
+    before = jax.tree.map(lambda a: np.array(a, copy=True), state)
+    with pytest.raises(errors.DirectSolveError, match="relative residual"):
+        strict.forget(state, splits.user_ids[:2])
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state), before)
