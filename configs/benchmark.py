@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return job
 
     if arg.quick:
-        job = digits("head", "auto", "none", 2)
+        job = digits("head", "cg", "none", 2)  # the matrix-free path (tests/test_direct.py covers the direct one)
         job.model.hidden = (32,)
         job.method.core.epochs = 10
         job.method.user.epochs = 10

@@ -535,7 +535,14 @@ class MixedLinear:
         order = np.searchsorted(cached_rows, rows, sorter=np.argsort(cached_rows))
         return cached[:, np.argsort(cached_rows)[order]] if rows.size else cached[:, :0]
 
-    def _direct_solve(self, state: MixedLinearState, removed_by, w_old: PyTree) -> tuple[PyTree, float, float, int]:
+    def reserve_capacity(self, num_removed: int) -> None:
+        """Pads the direct path's removed set to at least ``num_removed`` samples, so that a planned stream of
+        requests (e.g. the forget job's) compiles once instead of once per power of two."""
+        self.direct_capacity = int(num_removed)
+
+    def _direct_solve(
+        self, state: MixedLinearState, removed_by, w_old: PyTree, *, min_refine: int = 0
+    ) -> tuple[PyTree, float, float, int]:
         """The float64 minimiser on the retained rows of ``removed_by`` from the cached factor.
 
         The removal formula is applied, then checked with a float64 gradient pass; if the relative
@@ -548,7 +555,7 @@ class MixedLinear:
         factor = self.direct_factor(state)
         removed = np.flatnonzero(~ledger.retain_mask(removed_by))
         # Padded to a power of two (at least 16 samples): a request stream compiles O(log) times.
-        capacity = max(16, 1 << int(np.ceil(np.log2(max(len(removed), 1)))))
+        capacity = max(16, 1 << int(np.ceil(np.log2(max(len(removed), 1)))), getattr(self, "direct_capacity", 0))
         valid = np.zeros(capacity, bool)
         valid[: len(removed)] = True
         padded = np.zeros(capacity, np.int64)
@@ -575,15 +582,18 @@ class MixedLinear:
                     coef = mesh_lib.shard_rows(coef, self.mesh, self.num_padded // self.mesh.size)
                     return self._jt_sum((lin, fix), (x, coef))
 
-                alpha = self._dual_remove(cols, factor.solution, factor.targets[rows_j], rows_j, row_valid)
+                # Every argument replicated on the mesh: a different input sharding would silently recompile.
+                cols, rows_j, row_valid = self._replicated((cols, rows_j, row_valid))
+                alpha = self._dual_remove(cols, factor.solution, self._replicated(factor.targets[rows_j]), rows_j,
+                                          row_valid)
                 w = to_weights(alpha)
             else:
                 train_set = self.splits.train
                 x_f = jnp.asarray(np.asarray(train_set.x, np.float64)[padded])
                 t_f = jnp.asarray(self.config.target_scale * np.eye(k, dtype=np.float64)[train_set.y[padded]])
-                valid_j = jnp.asarray(valid)
+                x_f, t_f, valid_j = self._replicated((x_f, t_f, jnp.asarray(valid)))
                 w = unravel(self._primal_remove(lin, fix, factor.chol, factor.solution, x_f, t_f, valid_j,
-                                                jnp.float64(1.0)))
+                                                self._replicated(jnp.float64(1.0))))
             w_old = self._replicated(kernels.tree_cast(w_old, dtype))
             g_old, _ = self._gradient(lin, fix, w_old, x, t, c, count, mu)
             g_old_norm = max(float(kernels.tree_norm(g_old)), 1e-300)
@@ -591,21 +601,24 @@ class MixedLinear:
             while True:
                 g, _ = self._gradient(lin, fix, w, x, t, c, count, mu)
                 rel = float(kernels.tree_norm(g)) / g_old_norm
-                if rel <= self.config.tol or steps >= int(self.config.get("direct_refine", 3)):
+                done = rel <= self.config.tol and steps >= min_refine
+                if done or steps >= max(int(self.config.get("direct_refine", 3)), min_refine):
                     return w, rel, g_old_norm, steps
                 steps += 1
                 if factor.space == "dual":
                     # Dual residual on the retained rows: t − (JJᵀ + λI) α, with JJᵀα = J w.
                     jw = self._j_apply(lin, fix, x, w)[: self.num_train].reshape(-1)
                     r = (factor.targets - jw - factor.ridge * alpha) * retained
-                    alpha = alpha + self._dual_remove(cols, self._cholesky_solve(factor.chol, r), r[rows_j], rows_j,
-                                                      row_valid)
+                    r = self._replicated(r)
+                    alpha = alpha + self._dual_remove(cols, self._replicated(self._cholesky_solve(factor.chol, r)),
+                                                      self._replicated(r[rows_j]), rows_j, row_valid)
                     w = to_weights(alpha)
                 else:
                     # Primal residual b_r − A_r w = −n·g_r(w) (sum units), corrected with the same factor.
-                    r = -float(count) * kernels.tree_ravel(g)
-                    delta = self._primal_remove(lin, fix, factor.chol, self._cholesky_solve(factor.chol, r), x_f, t_f,
-                                                valid_j, jnp.float64(0.0))
+                    r = self._replicated(-float(count) * kernels.tree_ravel(g))
+                    a_r = self._replicated(self._cholesky_solve(factor.chol, r))
+                    delta = self._primal_remove(lin, fix, factor.chol, a_r, x_f, t_f, valid_j,
+                                                self._replicated(jnp.float64(0.0)))
                     w = kernels.tree_add(w, unravel(delta))
 
     def _count(self, removed_by, dtype) -> jax.Array:
