@@ -16,21 +16,16 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
-from jaxforget import mixed_linear
+from configs import common, mixed_linear_digits
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = common.parse_arg(arg, quick=False, seeds=3, n_models=64, sigma=1e-4, fraction=0.15)
+    # Data, model and method are the main job's (configs/mixed_linear_digits.py), so the two cannot drift apart.
+    job = mixed_linear_digits.get_config(f"quick={arg.quick},sigma={arg.sigma},linearize=head")
     c = ml_collections.ConfigDict()
     c.method_name = "compare"
-    c.data = ml_collections.ConfigDict(dict(name="digits", seed=0, test_fraction=0.2, core_fraction=0.3))
-    c.model = ml_collections.ConfigDict(
-        dict(name="mlp", hidden=(128, 128), num_classes=10, activation="leaky_relu", leaky_slope=0.01)
-    )
-    c.method = mixed_linear.default_method_config()
-    c.method.linearize = "head"
-    c.method.sigma = arg.sigma
+    c.data, c.model, c.method = job.data, job.model, job.method
 
     c.seeds = tuple(range(arg.seeds))  # each fixes core init and data order, the forget draw and noise keys
     c.forget_fraction = arg.fraction
@@ -49,10 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     c.num_devices = 0
-    if arg.quick:
-        c.model.hidden = (32,)
-        c.method.core.epochs = 10
-        c.method.user.epochs = 10
+    if arg.quick:  # model and method are already the main job's quick variant
         c.eval.n_models = min(arg.n_models, 16)
         c.eval.relearn.max_epochs = 10
         c.eval.oracle_tol = 1e-9

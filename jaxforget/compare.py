@@ -108,9 +108,9 @@ def _finetune(ctx: Context) -> Outcome:
     positions = np.searchsorted(ml.train_ids, ctx.forget_ids)
     state_r = ctx.state.replace(removed_by=ledger.record(ctx.state.removed_by, positions, 1))
     start = time.perf_counter()
+    seed = int(jax.random.randint(ctx.key, (), 0, 2**30))
     w = ml._run_sgd(state_r, ctx.state.w_u, epochs=fc.epochs, batch_size=fc.batch_size,
-                    learning_rate=fc.learning_rate, momentum=fc.momentum, seed=int(jax.random.randint(ctx.key, (), 0,
-                                                                                                       2**30)))
+                    learning_rate=fc.learning_rate, momentum=fc.momentum, seed=seed)
     jax.block_until_ready(w)
     return Outcome(w, w, 0.0, time.perf_counter() - start, {"epochs": int(fc.epochs)})
 
@@ -171,8 +171,13 @@ def _square_loss(logits: np.ndarray, labels: np.ndarray, scale: float) -> float:
     return float(0.5 * np.mean(np.sum((np.asarray(logits, np.float64) - target) ** 2, axis=1)))
 
 
-def _relearn(ml, state, models_w: dict, sets, forget_ids, cfg, seed) -> dict[str, dict]:
-    """Relearn time of each model (spec §5) with the mixed-linear square loss; τ halfway between o and r."""
+def _relearn_probe(ml, state, w_original, w_retrain, sets, forget_ids, cfg, seed) -> Callable[[PyTree], dict]:
+    """Relearn time (spec §5) with the mixed-linear square loss; τ halfway between original and retrain.
+
+    Returns ``rt(w)``, the relearn record of user weights ``w``; the set, schedule and τ are shared by every
+    model of the seed, so the original's and the retrain's records are computed once and compared with each
+    method's.
+    """
     rc = cfg.eval.relearn
     retain_ids = np.setdiff1d(ml.splits.user_ids, forget_ids)
     relearn_ids = evaluate.relearn_set(retain_ids, forget_ids, mode=rc.mode, size=rc.size, seed=seed)
@@ -188,9 +193,8 @@ def _relearn(ml, state, models_w: dict, sets, forget_ids, cfg, seed) -> dict[str
         return ml._run_sgd(state_rl, w, epochs=1, batch_size=rc.batch_size, learning_rate=rc.learning_rate,
                            momentum=rc.momentum, seed=seed * 1000 + epoch)
 
-    tau = 0.5 * (forget_loss(models_w["original"]) + forget_loss(models_w["retrain"]))
-    return {name: evaluate.relearn_time(train_epoch, forget_loss, w, tau=tau, max_epochs=rc.max_epochs)
-            for name, w in models_w.items()}
+    tau = 0.5 * (forget_loss(w_original) + forget_loss(w_retrain))
+    return lambda w: evaluate.relearn_time(train_epoch, forget_loss, w, tau=tau, max_epochs=rc.max_epochs)
 
 
 def _oracle_entry(ml, state_r, sets, cfg, seed, n_models) -> tuple[oracle.OracleEntry, dict]:
@@ -302,7 +306,8 @@ def run_seed(config: ml_collections.ConfigDict, ml: ml_lib.MixedLinear, seed: in
     retrain_seconds = time.perf_counter() - start
 
     logits = {"retrain": _logits(ml, state, w_star, sets), "original": _logits(ml, state, state.w_u, sets)}
-    relearn_models = {"retrain": w_star, "original": state.w_u}
+    relearn = _relearn_probe(ml, state, state.w_u, w_star, sets, forget_ids, config, seed)
+    rl = {"retrain": relearn(w_star), "original": relearn(state.w_u)}
     w_orig = state.w_u
     per_method, outcomes = {}, {}
     key = jax.random.key(seed)
@@ -311,8 +316,8 @@ def run_seed(config: ml_collections.ConfigDict, ml: ml_lib.MixedLinear, seed: in
         key, k_warm, k_run, k_pop = jax.random.split(key, 4)
         fn(Context(ml, state, warm_ids, k_warm, config))  # compile on a disjoint request of the same size
         out = fn(Context(ml, state, forget_ids, k_run, config))
-        outcomes[name] = out
         lg = _logits(ml, state, out.w_u, sets)
+        outcomes[name] = lg
         rows = []
         for split in SPLITS:
             rows.append(("accuracy", split, evaluate.accuracy(lg[split], sets[split].y),
@@ -333,7 +338,7 @@ def run_seed(config: ml_collections.ConfigDict, ml: ml_lib.MixedLinear, seed: in
             label = f"{rec['attack']}[{rec['statistic']}]"
             rows.append((label, "forget", rec["value"], rec["value_retrain"], rec["value_original"],
                          rec["convention"]))
-        rl = _relearn(ml, state, {"unlearned": out.w_u, **relearn_models}, sets, forget_ids, config, seed)
+        rl["unlearned"] = relearn(out.w_u)
         rows.append(("relearn_epochs", "forget", rl["unlearned"]["epochs"], rl["retrain"]["epochs"],
                      rl["original"]["epochs"], "epochs of fine-tuning until the forget square loss ≤ τ",
                      {"censored": rl["unlearned"]["censored"] or rl["retrain"]["censored"],
@@ -370,7 +375,7 @@ def run_seed(config: ml_collections.ConfigDict, ml: ml_lib.MixedLinear, seed: in
     stats_hist = {
         stat: {role: {s: fn(lg[s], sets[s].y) for s in ("forget", "test")}
                for role, lg in (("original", logits["original"]),
-                                ("unlearned", _logits(ml, state, outcomes[methods[0]].w_u, sets)),
+                                ("unlearned", outcomes[methods[0]]),
                                 ("retrain", logits["retrain"]))}
         for stat, fn in (("loss", mia.loss), ("logit_conf", mia.logit_conf))
     }
