@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jaxforget import experiment, kernels, report, train
 
@@ -57,6 +58,91 @@ def kernel_ratios(ml, state, repeats: int = 5) -> dict:
     }
 
 
+def _wall(fn) -> tuple[object, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def evaluation_timing(n_models: int, num_examples: int, bruteforce_examples: int, seed: int = 0) -> dict:
+    """Evaluation cost at a population's shape: the challenge ε-score and KLOM over ``N`` models × ``M`` examples.
+
+    The vectorised ε-score is compared with the per-example reference loop (a naive implementation, run on
+    the first ``bruteforce_examples`` examples in the same process); both see the same synthetic φ (two
+    slightly shifted Gaussian populations, so every threshold family is exercised).
+    """
+    from jaxforget import distributional  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.default_rng(seed)
+    u = rng.normal(0.2, 1.0, size=(n_models, num_examples))
+    r = rng.normal(0.0, 1.0, size=(n_models, num_examples))
+    acc = np.full(n_models, 0.9)
+    distributional.example_epsilons(u[:, :4], r[:, :4])  # warm-up
+    _, fast = _wall(lambda: distributional.challenge_score(u, r, retain_acc_unlearned=acc, retain_acc_retrain=acc,
+                                                           test_acc_unlearned=acc, test_acc_retrain=acc))
+    k = min(bruteforce_examples, num_examples)
+    eps_fast, fast_k = _wall(lambda: distributional.example_epsilons(u[:, :k], r[:, :k]))
+    eps_slow, slow_k = _wall(lambda: distributional._epsilons_bruteforce(u[:, :k], r[:, :k]))
+    _, klom_s = _wall(lambda: distributional.klom(u, r))
+    return {
+        "n_models": n_models, "num_examples": num_examples,
+        "challenge_score_seconds": fast,
+        "klom_seconds": klom_s,
+        "bruteforce_examples": k,
+        "per_example_seconds_vectorised": fast_k / k,
+        "per_example_seconds_loop": slow_k / k,
+        "loop_over_vectorised": slow_k / max(fast_k, 1e-12),
+        "max_abs_epsilon_difference": float(np.max(np.abs(eps_fast - eps_slow))),
+    }
+
+
+def crossover_sweep(job: ml_collections.ConfigDict, widths, *, requests: int = 3) -> dict:
+    """Direct vs matrix-free CG as the linearized size grows: where does the exact factorisation stop paying?
+
+    For each hidden width the model's head is linearized (``P = (width + 1)·K``) on one shared core; the
+    direct path (factor once, then a low-rank removal per request) and Newton-CG (warm start, same
+    tolerance) each forget the same ``requests`` disjoint requests after a warm-up request. The crossover
+    is the smallest ``P`` at which the direct path's time amortised over the stream, ``(build + Σ forget) /
+    requests``, exceeds CG's mean request time (``None`` if it never does within the sweep).
+    """
+    rows = []
+    for width in widths:
+        cfg = job.copy_and_resolve_references()
+        cfg.model.hidden = (int(width),)
+        cfg.method.sigma = 0.0
+        cfg.method.linearize = "head"
+        splits, ml_direct = build(cfg)
+        plan = experiment.request_plan(splits, requests + 1, cfg.requests.fraction, cfg.requests.seed)
+        core = ml_direct.train_core(jax.random.key(0))
+        row = {"width": int(width)}
+        for path in ("direct", "cg"):
+            cfg.method.solver = path
+            _, ml = build(cfg)
+            ml.reserve_capacity(sum(len(p) for p in plan))
+            state = ml.init(jax.random.key(0), core=core)
+            build_s = ml.direct_factor(state).build_seconds if path == "direct" else 0.0
+            row["num_params"] = kernels.tree_size(state.w_u)
+            ml.forget(state, plan[0])  # warm-up: compiles outside the timing
+            seconds, state = [], state
+            for ids in plan[1:]:
+                state, info = ml.forget(state, ids)
+                seconds.append(info.seconds)
+            row[path] = {"build_seconds": build_s, "forget_seconds": statistics.mean(seconds),
+                         "amortised_seconds": (build_s + sum(seconds)) / len(seconds),
+                         "memory_bytes": sum(ml.solver_memory_bytes().values()), "rel_residual": info.rel_residual}
+        rows.append(row)
+        print(f"crossover: P={row['num_params']}: direct {row['direct']['amortised_seconds']:.3f} s amortised, "
+              f"CG {row['cg']['forget_seconds']:.3f} s", flush=True)
+    cross = next((r["num_params"] for r in rows if r["direct"]["amortised_seconds"] > r["cg"]["forget_seconds"]),
+                 None)
+    return {"requests": requests, "rows": rows, "crossover_num_params": cross}
+
+
+def build(config):
+    """``experiment.build`` (a module-level name so the sweep reads as one step)."""
+    return experiment.build(config)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs every workload of ``config.workloads`` and writes ``workdir/benchmark.json``."""
     os.makedirs(workdir, exist_ok=True)
@@ -79,6 +165,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "direct_factor_seconds": rep.get("direct_factor_seconds"),
             "preconditioner_build_seconds": rep.get("preconditioner_build_seconds"),
             "num_linearized_params": kernels.tree_size(state.w_u),
+            "solver_memory_bytes": rep.get("solver_memory_bytes"),
+            # One-off build spread over the stream: (build + Σ forget) / requests.
+            "amortised_forget_seconds": (
+                (rep.get("direct_factor_seconds") or rep.get("preconditioner_build_seconds") or 0.0)
+                + sum(r["forget"]["seconds"] for r in reqs)) / max(len(reqs), 1),
             "kappa": ml.largest_eigenvalue(state) / job.method.mu,
             "per_request": [
                 {
@@ -106,8 +197,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "kernels": kernel_ratios(ml, state, repeats=config.repeats),
         }
         results[name] = entry
-    out = {
-        "environment": rep["environment"],
+    out = {"environment": rep["environment"]}
+    cross = config.get("crossover")
+    if cross is not None:
+        print("== crossover sweep", flush=True)
+        out["crossover"] = crossover_sweep(cross.job, list(cross.widths), requests=int(cross.requests))
+    ev = config.get("evaluation")
+    if ev is not None:
+        timing = evaluation_timing(int(ev.n_models), int(ev.num_examples), int(ev.bruteforce_examples))
+        forget = [r["forget_seconds"] for w in results.values() for r in w["per_request"]]
+        timing["median_forget_seconds"] = statistics.median(forget)
+        timing["challenge_score_over_forget"] = timing["challenge_score_seconds"] / timing["median_forget_seconds"]
+        out["evaluation"] = timing
+    out |= {
         "peak_host_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "workloads": results,
     }
@@ -131,10 +233,11 @@ def markdown(out: dict) -> str:
     lines = [
         f"device: {out['environment']['device_kind']}; jax {out['environment']['jax']}",
         "",
-        "| workload | P | κ | solver | precond. | build s | CG its | passes | forget s | rel. error | influence left | "
+        "| workload | P | κ | solver | precond. | build s | solver MiB | CG its | passes | forget s | amortised s | "
+        "rel. error | influence left | "
         "forget/CG-retrain time | CG-retrain rel. err | forget/SGD-retrain time | SGD-retrain rel. err | "
         "GN matvec / fwd+bwd | recompiles |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, w in out["workloads"].items():
         reqs = w["per_request"]
@@ -145,9 +248,9 @@ def markdown(out: dict) -> str:
 
         lines.append(
             f"| {name} | {w['num_linearized_params']} | {w['kappa']:.1e} | {w.get('solver', 'cg')} "
-            f"| {w['preconditioner']} | {_build_seconds(w)} "
+            f"| {w['preconditioner']} | {_build_seconds(w)} | {_mebibytes(w.get('solver_memory_bytes'))} "
             f"| {med(lambda r: r['forget_cg_iterations']):.0f} | {med(lambda r: r['forget_passes']):.0f} "
-            f"| {med(lambda r: r['forget_seconds']):.3f} "
+            f"| {med(lambda r: r['forget_seconds']):.3f} | {_fmt_seconds(w.get('amortised_forget_seconds'))} "
             f"| {med(lambda r: r['forget_rel_error']):.1e} | {med(lambda r: r['influence_left']):.1e} "
             f"| {med(lambda r: r['forget_over_retrain_time'].get('cg_retrain')):.2f} "
             f"| {med(lambda r: r['retrain'].get('cg_retrain', {}).get('rel_error')):.1e} "
@@ -155,7 +258,36 @@ def markdown(out: dict) -> str:
             f"| {med(lambda r: r['retrain'].get('sgd_retrain', {}).get('rel_error')):.1e} "
             f"| {w['kernels']['gn_matvec_over_forward_backward']:.2f} | {w['recompilations_between_requests']} |"
         )
+    cross = out.get("crossover")
+    if cross:
+        lines += ["", f"Direct vs CG by size (head linearized, mean over {cross['requests']} requests after a "
+                      "warm-up; amortised = (build + Σ forget) / requests):", "",
+                  "| P | direct build s | direct forget s | direct amortised s | direct MiB | CG forget s |",
+                  "|---|---|---|---|---|---|"]
+        for r in cross["rows"]:
+            d = r["direct"]
+            lines.append(f"| {r['num_params']} | {d['build_seconds']:.3f} | {d['forget_seconds']:.4f} "
+                         f"| {d['amortised_seconds']:.4f} | {d['memory_bytes'] / 2**20:.1f} "
+                         f"| {r['cg']['forget_seconds']:.4f} |")
+        lines += ["", "Crossover: " + (f"direct stops paying at P ≈ {cross['crossover_num_params']}."
+                                       if cross["crossover_num_params"] else
+                                       "the direct path stays ahead over the whole sweep.")]
+    ev = out.get("evaluation")
+    if ev:
+        lines += ["", f"Evaluation cost (N = {ev['n_models']} models × M = {ev['num_examples']} examples): challenge "
+                      f"ε-score {ev['challenge_score_seconds']:.2f} s, KLOM {ev['klom_seconds']:.2f} s; the "
+                      f"vectorised ε-score is {ev['loop_over_vectorised']:.0f}× faster per example than the "
+                      f"per-example loop (max |Δε| {ev['max_abs_epsilon_difference']:.1e}) and takes "
+                      f"{ev['challenge_score_over_forget']:.1f}× the median forget request it would evaluate."]
     return "\n".join(lines)
+
+
+def _mebibytes(memory: dict | None) -> str:
+    return f"{sum(memory.values()) / 2**20:.1f}" if memory else "—"
+
+
+def _fmt_seconds(value) -> str:
+    return f"{value:.3f}" if value is not None else "—"
 
 
 if __name__ == "__main__":

@@ -213,6 +213,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.save(k + 1, state, meta)
         eta.step(f"CG iterations {info.iterations}, residual to retrain {dist['relative']:.2e}")
     meta["recompilations_between_requests"] = int(_forget_traces(ml) - traces_before)
+    meta["solver_memory_bytes"] = ml.solver_memory_bytes()
     meta["preconditioner_build_seconds"] = pre_seconds
     meta["peak_host_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

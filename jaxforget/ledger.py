@@ -46,7 +46,9 @@ def validate(removed_by, train_ids: np.ndarray, core_ids: np.ndarray, ids) -> np
 
 def record(removed_by, positions: np.ndarray, request: int) -> jnp.ndarray:
     """A new ledger with ``positions`` marked as removed by request number ``request`` (≥ 1)."""
-    return jnp.asarray(removed_by).at[jnp.asarray(positions)].set(jnp.int32(request))
+    out = np.array(removed_by, dtype=np.int32)  # a host copy: a device scatter costs more than the whole update
+    out[np.asarray(positions, dtype=np.int64)] = request
+    return jnp.asarray(out)
 
 
 def retain_mask(removed_by) -> np.ndarray:

@@ -399,8 +399,10 @@ class MixedLinear:
         """
         if self.config.get("preconditioner", "none") == "none":
             return None
-        # Keyed by the core object's identity: a stale entry could only slow CG down, never change its answer.
-        cache_key = (id(state.core), jnp.dtype(dtype).name)
+        # One core at a time, held by reference (an id alone could be reused by a later core).
+        if self._pre_cache.get("core") is not state.core:
+            self._pre_cache = {"core": state.core}
+        cache_key = jnp.dtype(dtype).name
         if cache_key not in self._pre_cache:
             c = self._row_weights(np.isin(self.train_ids, self.core_ids), dtype)
             lin, fix = self._replicated(kernels.tree_cast(self.split(state.core), dtype))
@@ -427,10 +429,10 @@ class MixedLinear:
         ``JJᵀ + λI`` (``N × N``, ``N = n·K``). ``"auto"`` takes it when ``min(P, N) ≤ direct_max_size``
         and the normaliser is fixed; otherwise matrix-free CG (preconditioned if configured).
         """
-        if id(core) in self._choice_cache:
-            return self._choice_cache[id(core)]
+        if self._choice_cache.get("core") is core:  # held by reference: an id could be reused
+            return self._choice_cache["choice"]
         choice = self._choose_solver(core)
-        self._choice_cache = {id(core): choice}
+        self._choice_cache = {"core": core, "choice": choice}
         return choice
 
     def _choose_solver(self, core: PyTree) -> SolverChoice:
@@ -470,9 +472,8 @@ class MixedLinear:
         Raises:
           DirectSolveError: the matrix is not numerically positive definite.
         """
-        cache_key = id(state.core)
-        if cache_key in self._direct_cache:
-            return self._direct_cache[cache_key]
+        if self._direct_cache.get("core") is state.core:  # held by reference: an id could be reused
+            return self._direct_cache["factor"]
         choice = self.choose_solver(state.core)
         space = choice.path.removeprefix("direct-")
         if space not in ("primal", "dual"):  # a CG/SGD config asked for the direct solution (e.g. as a reference)
@@ -500,7 +501,7 @@ class MixedLinear:
             )
         factor = DirectFactor(space, chol, solution, targets, ridge, time.perf_counter() - start)
         # One core at a time (the matrices can be large); removal columns belong to the factor.
-        self._direct_cache = {cache_key: factor}
+        self._direct_cache = {"core": state.core, "factor": factor}
         self._dual_cols = (np.zeros(0, np.int64), None)
         return factor
 
@@ -535,6 +536,25 @@ class MixedLinear:
         order = np.searchsorted(cached_rows, rows, sorter=np.argsort(cached_rows))
         return cached[:, np.argsort(cached_rows)[order]] if rows.size else cached[:, :0]
 
+    def solver_memory_bytes(self) -> dict[str, int]:
+        """Bytes held by the solver state of the current core, from the arrays themselves.
+
+        ``factor`` (direct: the Cholesky factor, solution and targets), ``removal_columns`` (dual: the cached
+        ``M⁻¹`` columns of the removed rows) and ``preconditioner`` (CG: the Nyström sketch).
+        """
+        factor = self._direct_cache.get("factor")
+        cols = self._dual_cols[1] if getattr(self, "_dual_cols", None) else None
+        pre = [v for k, v in self._pre_cache.items() if k != "core"]
+
+        def size(tree):
+            return int(sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(tree)))
+
+        return {
+            "factor": size([factor.chol, factor.solution, factor.targets]) if factor is not None else 0,
+            "removal_columns": size(cols) if cols is not None else 0,
+            "preconditioner": size(pre),
+        }
+
     def reserve_capacity(self, num_removed: int) -> None:
         """Pads the direct path's removed set to at least ``num_removed`` samples, so that a planned stream of
         requests (e.g. the forget job's) compiles once instead of once per power of two."""
@@ -554,8 +574,10 @@ class MixedLinear:
         """
         factor = self.direct_factor(state)
         removed = np.flatnonzero(~ledger.retain_mask(removed_by))
-        # Padded to a power of two (at least 16 samples): a request stream compiles O(log) times.
-        capacity = max(16, 1 << int(np.ceil(np.log2(max(len(removed), 1)))), getattr(self, "direct_capacity", 0))
+        # Padded to the reserved capacity (one compilation for a planned stream), beyond it to a power of two
+        # (at least 16 samples): an unplanned stream compiles O(log) times.
+        reserved = getattr(self, "direct_capacity", 0)
+        capacity = max(16, reserved if len(removed) <= reserved else 1 << int(np.ceil(np.log2(len(removed)))))
         valid = np.zeros(capacity, bool)
         valid[: len(removed)] = True
         padded = np.zeros(capacity, np.int64)
@@ -633,7 +655,7 @@ class MixedLinear:
 
     def _row_weights(self, rows: np.ndarray, dtype) -> jax.Array:
         """``bool[n_train]`` -> 0/1 weights over the padded, sharded row layout (padding rows get 0)."""
-        mask = np.zeros(self.num_padded, dtype)
+        mask = np.zeros(self.num_padded, np.dtype(jnp.dtype(dtype)))
         mask[: self.num_train] = rows
         return mesh_lib.shard_rows(mask, self.mesh, self.num_padded // self.mesh.size)
 
@@ -654,19 +676,80 @@ class MixedLinear:
         )
         return models.batch_stats_from_data(self.model, variables, core_set.x)
 
-    def init(self, key: jax.Array, core: PyTree | None = None) -> MixedLinearState:
-        """Trains the core (unless given) and the user weights on the whole training set."""
-        key_core, key_user = jax.random.split(key)
-        if core is None:
-            core = self.train_core(key_core)
+    def train_cores(self, keys: list[jax.Array], *, chunk: int = 64) -> list[PyTree]:
+        """Trains one core per key in parallel (one ``vmap``-ped program per ``chunk`` cores).
+
+        Core ``i`` equals ``train_core(keys[i])`` up to float reassociation: the same initialisation and
+        data-order seed. Used for populations of independently trained models (distributional scores).
+
+        Args:
+          keys: PRNG keys, one per core.
+          chunk: cores trained at once (bounds memory).
+
+        Returns:
+          A list of ``len(keys)`` core variable trees.
+        """
+        core_set = self.splits.core()
+        cc = self.config.core
+        out = []
+        for lo in range(0, len(keys), chunk):
+            part = keys[lo : lo + chunk]
+            variables = [models.init_variables(self.model, k, core_set.x.shape[1:]) for k in part]
+            seeds = [int(jax.random.randint(k, (), 0, 2**30)) for k in part]
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *variables)
+            stacked, _ = train.train_classifiers(
+                self.model, stacked, core_set.x, core_set.y, seeds=seeds, epochs=cc.epochs,
+                batch_size=cc.batch_size, learning_rate=cc.learning_rate, momentum=cc.momentum,
+                weight_decay=cc.weight_decay, desc=f"cores {lo}-{lo + len(part) - 1}",
+            )
+            for i in range(len(part)):
+                one = jax.tree.map(lambda a, i=i: a[i], stacked)
+                out.append(models.batch_stats_from_data(self.model, one, core_set.x))
+        return out
+
+    def exact_retrain(self, state: MixedLinearState, *, tol: float = 1e-11, maxiter: int | None = None) -> PyTree:
+        """The float64 minimiser on the state's retained rows, computed afresh (never from a downdate).
+
+        Primal sizes (``P ≤`` ``direct_max_size``) factorise the reduced system ``Σ_{D_r} J_iᵀJ_i + λI``
+        directly; otherwise a float64 CG solve to ``tol``. This is the reference a forget is judged
+        against, so it shares no code path with the removal formulas.
+
+        Returns:
+          ``w*`` (float64 pytree shaped like ``state.w_u``).
+        """
+        choice = self.choose_solver(state.core)
+        if choice.num_params > choice.direct_max_size:
+            w, _ = self.solve(state, dtype=jnp.float64, tol=tol, maxiter=maxiter, on_fail="raise")
+            return w
+        with compat.enable_x64():
+            lin, fix = self._replicated(kernels.tree_cast(self.split(state.core), jnp.float64))
+            x, t = self._device_data(jnp.float64)
+            c = self._weights(state.removed_by, jnp.float64)
+            ridge = float(self._count(state.removed_by, jnp.float64)) * float(self.config.mu)
+            gram, rhs = self._primal_gram((lin, fix), (x, t, c))
+            solution = self._cholesky_solve(self._spd_cholesky(gram, jnp.float64(ridge)), rhs)
+            _, unravel = kernels.tree_ravel_with_unravel(lin)
+            w = unravel(solution)
+            errors.check_finite(w, "exact retrain weights")
+            return w
+
+    def init_state(self, core: PyTree) -> MixedLinearState:
+        """A state on ``core`` with zero user weights and nothing forgotten (no training)."""
         errors.check_finite(core, "core weights")
         lin, _ = self.split(core)
-        state = MixedLinearState(
+        return MixedLinearState(
             core=core,
             w_u=kernels.tree_zeros_like(lin),
             removed_by=ledger.new_ledger(self.num_train),
             num_requests=jnp.zeros((), jnp.int32),
         )
+
+    def init(self, key: jax.Array, core: PyTree | None = None) -> MixedLinearState:
+        """Trains the core (unless given) and the user weights on the whole training set."""
+        key_core, key_user = jax.random.split(key)
+        if core is None:
+            core = self.train_core(key_core)
+        state = self.init_state(core)
         uc = self.config.user
         user_solver = uc.solver
         if user_solver == "auto":
@@ -808,13 +891,16 @@ class MixedLinear:
         ``(1/n_r) Σ_{D_r} J_iᵀJ_i ⪯ (n/n_r) (1/n) Σ_D J_iᵀJ_i`` (and ``H_{D_r} ⪯ H_D`` with the fixed
         normaliser), so no per-request power iteration.
         """
-        if getattr(self, "_beta_full", None) is None:
-            self._beta_full = self.largest_eigenvalue(state.replace(removed_by=ledger.new_ledger(self.num_train)))
+        cached = getattr(self, "_beta_full", None)
+        if cached is None or cached[0] is not state.core:  # one value per core (populations use many cores)
+            cached = (state.core, self.largest_eigenvalue(state.replace(removed_by=ledger.new_ledger(self.num_train))))
+            self._beta_full = cached
+        beta_full = cached[1]
         if self.config.get("regularization", "fixed") == "fixed":
-            return self._beta_full
+            return beta_full
         n_r = int(ledger.retain_mask(new_removed).sum())
         mu = self.config.mu
-        return mu + (self._beta_full - mu) * self.num_train / n_r
+        return mu + (beta_full - mu) * self.num_train / n_r
 
     def _sgd_newton(self, state, new_removed, g, seed):
         """The paper's forget solver: SGD on ½vᵀH_B v − gᵀv with exact g, step 1/β̂ with cosine decay."""

@@ -65,6 +65,7 @@ def build(config, meta: dict, *, splits: dict, env: dict) -> dict:
         "preconditioner_build_seconds": meta.get("preconditioner_build_seconds"),
         "solver_choice": meta.get("solver_choice"),
         "direct_factor_seconds": meta.get("direct_factor_seconds"),
+        "solver_memory_bytes": meta.get("solver_memory_bytes"),
         "peak_host_rss_mib": meta.get("peak_host_rss_mib"),
         "sigma_sweep": meta.get("sigma_sweep"),
         "forget_all": meta.get("forget_all"),
@@ -539,6 +540,8 @@ def compare_markdown(rep: dict) -> str:
         head += f"; devices: {dev.get('count', '?')} × {dev.get('kind', dev.get('platform', '?'))}"
     if ver.get("jax"):
         head += f"; jax {ver['jax']}"
+    if rep.get("originals"):
+        head += f"; challenge/KLOM populations: originals={rep['originals']}"
     lines = [head + ".",
              "Every value is judged by its closeness to the retrain-from-scratch value: \\|gap\\| is the mean over "
              "seeds of \\|method − retrain\\| (lower is better); a value past retrain is a miss, not a win."]
@@ -581,6 +584,9 @@ def compare_markdown(rep: dict) -> str:
             f"efficient (≤ {EFFICIENT_RATIO})"]
     if challenge:
         cols += ["challenge F", "oracle-vs-oracle F", "F ÷ oracle-vs-oracle (goal ≥ 0.9)", "challenge final"]
+    evaluation = (rep.get("evaluation_timings") or {}).get("per_method") or {}
+    if evaluation:
+        cols += ["evaluation s (÷ unlearning s)"]
     lines += ["", "**Summary**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for method in methods:
         t = timings.get(method)
@@ -592,7 +598,17 @@ def compare_markdown(rep: dict) -> str:
             f, oo = c.get("forget_score"), c.get("oracle_vs_oracle")
             rel = f"{f / oo:.2f}" if f is not None and oo else "n/a"
             row += [_fmt(f), _fmt(oo), rel, _fmt(c.get("final"))]
+        if evaluation:
+            e = evaluation.get(method)
+            row += [f"{e['total_seconds']:.2f} (× {e['evaluation_over_unlearning']:.3g})" if e else "n/a"]
         lines.append("| " + " | ".join(row) + " |")
+    shared = (rep.get("evaluation_timings") or {}).get("shared")
+    if shared:
+        lines += ["", f"Evaluation time per seed, shared by every method: populations "
+                      f"{shared['population_seconds']:.1f} s, float64 oracle solve "
+                      f"{shared['oracle_solve_seconds']:.2f} s; "
+                      "per method: accuracies and distances, membership attacks, relearn and the distributional "
+                      "scores (the summary's last column, against the unlearning time it evaluates)."]
     conventions = dict.fromkeys((_metric_label(rec), rec.get("convention")) for rec in rep["metrics"])
     lines += ["", "Conventions:"] + [_cell(f"- `{label}`: {conv}") for label, conv in conventions]
     flags = rep.get("flags") or {}

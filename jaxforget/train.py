@@ -72,8 +72,7 @@ def make_optimizer(
     )
 
 
-@functools.cache
-def _epoch_fn(model: nn.Module, optimizer: optax.GradientTransformation):
+def _epoch_body(model: nn.Module, optimizer: optax.GradientTransformation):
     def step(carry, batch_idx, x, y):
         variables, opt_state = carry
         xb, yb = x[batch_idx], y[batch_idx]
@@ -92,7 +91,6 @@ def _epoch_fn(model: nn.Module, optimizer: optax.GradientTransformation):
         params = optax.apply_updates(params, upd)
         return ({"params": params, **rest, **updates}, opt_state), loss
 
-    @jax.jit
     def epoch(variables, opt_state, x, y, batches):
         (variables, opt_state), losses = jax.lax.scan(
             lambda c, b: step(c, b, x, y), (variables, opt_state), batches
@@ -100,6 +98,17 @@ def _epoch_fn(model: nn.Module, optimizer: optax.GradientTransformation):
         return variables, opt_state, losses.mean()
 
     return epoch
+
+
+@functools.cache
+def _epoch_fn(model: nn.Module, optimizer: optax.GradientTransformation):
+    return jax.jit(_epoch_body(model, optimizer))
+
+
+@functools.cache
+def _population_epoch_fn(model: nn.Module, optimizer: optax.GradientTransformation):
+    # Models and batch orders are stacked on axis 0; the data is shared.
+    return jax.jit(jax.vmap(_epoch_body(model, optimizer), in_axes=(0, 0, None, None, 0)))
 
 
 def train_classifier(
@@ -152,3 +161,63 @@ def train_classifier(
         variables, opt_state, loss = epoch_fn(variables, opt_state, x_dev, y_dev, jax.device_put(batches))
         losses.append(float(loss))
     return variables, losses
+
+
+def train_classifiers(
+    model: nn.Module,
+    variables: PyTree,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    seeds: list[int],
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    desc: str = "train population",
+) -> tuple[PyTree, np.ndarray]:
+    """Trains a population of classifiers in parallel: one ``vmap``-ped epoch program for all of them.
+
+    Model ``i`` starts from ``variables[i]`` (every leaf has a leading ``[M]`` axis) and sees the batch order
+    of ``seeds[i]``, so it equals ``train_classifier(..., seed=seeds[i])`` on the unstacked variables up to
+    float reassociation. Used for the retrain / original populations of the distributional scores.
+
+    Args:
+      model, x, y, epochs, batch_size, learning_rate, momentum, weight_decay: as :func:`train_classifier`.
+      variables: stacked initial variables, leading axis ``M``.
+      seeds: ``M`` data-order seeds.
+
+    Returns:
+      ``(variables, losses)``: stacked trained variables and the ``[M, epochs]`` per-epoch mean losses.
+
+    Examples:
+      >>> from jaxforget import models
+      >>> model = models.MLP(hidden=(8,), num_classes=3)
+      >>> v = jax.vmap(lambda k: models.init_variables(model, k, (4,)))(jax.random.split(jax.random.key(0), 2))
+      >>> x, y = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32), np.arange(8) % 3
+      >>> out, losses = train_classifiers(model, v, x, y, seeds=[0, 1], epochs=2, batch_size=4,
+      ...                                 learning_rate=0.1)
+      >>> losses.shape
+      (2, 2)
+    """
+    n = int(len(x))
+    batch_size = min(batch_size, n)
+    steps_per_epoch = n // batch_size
+    optimizer = make_optimizer(
+        learning_rate=learning_rate,
+        total_steps=epochs * steps_per_epoch,
+        momentum=momentum,
+        weight_decay=weight_decay,
+    )
+    opt_state = jax.vmap(optimizer.init)(variables["params"])
+    epoch_fn = _population_epoch_fn(model, optimizer)
+    x_dev, y_dev = jax.device_put(jnp.asarray(x)), jax.device_put(jnp.asarray(y))
+    losses = []
+    for epoch in progress.track(range(epochs), desc=desc):
+        batches = np.stack([
+            np.stack(data_lib.batch_indices(n, batch_size, seed=int(s), epoch=epoch, drop_last=True)) for s in seeds
+        ])
+        variables, opt_state, loss = epoch_fn(variables, opt_state, x_dev, y_dev, jax.device_put(batches))
+        losses.append(np.asarray(loss))
+    return variables, np.stack(losses, axis=1) if losses else np.zeros((len(seeds), 0))

@@ -30,3 +30,15 @@ def test_quick_benchmark_writes_consistent_json(tmp_path):
     k = w["kernels"]
     assert k["gn_matvec_over_forward_backward"] == pytest.approx(k["gn_matvec_seconds"] / k["forward_backward_seconds"])
     assert "| digits_head |" in benchmark.markdown(out)
+    cross = out["crossover"]
+    assert [r["width"] for r in cross["rows"]] == [16, 32]
+    for r in cross["rows"]:
+        assert r["num_params"] == (r["width"] + 1) * 10
+        assert r["direct"]["memory_bytes"] >= 8 * r["num_params"] ** 2  # the float64 factor is held
+        assert r["direct"]["amortised_seconds"] >= r["direct"]["forget_seconds"]
+        assert r["direct"]["rel_residual"] <= 1e-5 and r["cg"]["rel_residual"] <= 1e-5
+    ev = out["evaluation"]
+    assert ev["n_models"] == 16 and ev["max_abs_epsilon_difference"] <= 1e-9
+    ratio = ev["challenge_score_seconds"] / ev["median_forget_seconds"]
+    assert ev["challenge_score_over_forget"] == pytest.approx(ratio)
+    assert w["solver_memory_bytes"] == {"factor": 0, "removal_columns": 0, "preconditioner": 0}  # plain CG

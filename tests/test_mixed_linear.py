@@ -365,3 +365,19 @@ def test_nystrom_preconditioned_forget_reaches_the_same_solution_in_fewer_iterat
     assert pre_info.iterations < plain_info.iterations
     with pytest.raises(errors.ConfigError, match="preconditioner must be"):
         mixed_linear.MixedLinear(model, splits, small_config(preconditioner="jacobi"))
+
+
+@pytest.mark.parametrize("c", [0.25, 1.0, 3.0])
+def test_kl_proxy_equals_the_dense_gaussian_kl(c):
+    """KL(N(m, cσ²I) ‖ N(w*, σ²I)) from the general formula with dense covariances (trace, Mahalanobis, log-dets)."""
+    rng = np.random.default_rng(3)
+    d, sigma = 7, 0.3
+    m, w_star = rng.normal(size=d), rng.normal(size=d)
+    cov_p, cov_q = c * sigma**2 * np.eye(d), sigma**2 * np.eye(d)
+    q_inv = np.linalg.inv(cov_q)
+    diff = w_star - m
+    expected = 0.5 * (np.trace(q_inv @ cov_p) + diff @ q_inv @ diff - d
+                      + np.linalg.slogdet(cov_q)[1] - np.linalg.slogdet(cov_p)[1])
+    got = mixed_linear.kl_proxy({"a": jnp.asarray(m[:3]), "b": jnp.asarray(m[3:])},
+                                {"a": jnp.asarray(w_star[:3]), "b": jnp.asarray(w_star[3:])}, sigma=sigma, c=c)
+    assert got == pytest.approx(expected, rel=1e-5)
