@@ -111,19 +111,19 @@ def crossover_sweep(job: ml_collections.ConfigDict, widths, *, requests: int = 3
         cfg.model.hidden = (int(width),)
         cfg.method.sigma = 0.0
         cfg.method.linearize = "head"
-        splits, ml_direct = build(cfg)
-        plan = experiment.request_plan(splits, requests + 1, cfg.requests.fraction, cfg.requests.seed)
-        core = ml_direct.train_core(jax.random.key(0))
-        row = {"width": int(width)}
+        row, core = {"width": int(width)}, None
         for path in ("direct", "cg"):
             cfg.method.solver = path
-            _, ml = build(cfg)
+            splits, ml = experiment.build(cfg)
+            if core is None:  # one core and one request plan serve both paths
+                plan = experiment.request_plan(splits, requests + 1, cfg.requests.fraction, cfg.requests.seed)
+                core = ml.train_core(jax.random.key(0))
             ml.reserve_capacity(sum(len(p) for p in plan))
             state = ml.init(jax.random.key(0), core=core)
             build_s = ml.direct_factor(state).build_seconds if path == "direct" else 0.0
             row["num_params"] = kernels.tree_size(state.w_u)
             ml.forget(state, plan[0])  # warm-up: compiles outside the timing
-            seconds, state = [], state
+            seconds = []
             for ids in plan[1:]:
                 state, info = ml.forget(state, ids)
                 seconds.append(info.seconds)
@@ -136,11 +136,6 @@ def crossover_sweep(job: ml_collections.ConfigDict, widths, *, requests: int = 3
     cross = next((r["num_params"] for r in rows if r["direct"]["amortised_seconds"] > r["cg"]["forget_seconds"]),
                  None)
     return {"requests": requests, "rows": rows, "crossover_num_params": cross}
-
-
-def build(config):
-    """``experiment.build`` (a module-level name so the sweep reads as one step)."""
-    return experiment.build(config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -158,7 +158,7 @@ def _logits(ml, state, w, sets) -> dict[str, np.ndarray]:
 def _population_logits(ml, state, w_mean, sigma, key, n_models, sets) -> dict[str, np.ndarray]:
     """Logits ``[N, n, K]`` of ``w_mean + σ ε_i``: the model is linear in ``w_u``, so ``f(w + σε) = f(w) + σJε``."""
     base = _logits(ml, state, w_mean, sets)
-    if sigma == 0 or n_models == 0:
+    if sigma == 0:
         return {name: np.broadcast_to(v, (n_models, *v.shape)).copy() for name, v in base.items()}
     core = {name: np.asarray(ml.predict_core(state, ds.x), np.float64) for name, ds in sets.items()}
     out = {name: np.empty((n_models, *v.shape), np.float32) for name, v in base.items()}
@@ -382,14 +382,11 @@ def run_seed(config: ml_collections.ConfigDict, ml: ml_lib.MixedLinear, seed: in
     if originals not in ("single", "per_model"):
         raise ValueError(f"eval.originals must be 'single' or 'per_model', got {originals!r}.")
     eval_start = time.perf_counter()
-    per_model_u = None
+    per_model_u, entry_pop = None, entry
     if originals == "per_model":
-        pop_entry, pop_meta = _retrain_population_entry(ml, forget_ids, sets, config, seed, n_models)
+        entry_pop, pop_meta = _retrain_population_entry(ml, forget_ids, sets, config, seed, n_models)
         oracle_meta = {**oracle_meta, "population_source": pop_meta.get("source")}
         per_model_u = _unlearned_populations(ml, forget_ids, sets, config, seed, n_models, methods)
-        entry_pop = pop_entry
-    else:
-        entry_pop = entry
     pop_a = {k: v[:n_models] for k, v in entry_pop.logits.items()}
     pop_b = {k: v[n_models:] for k, v in entry_pop.logits.items()}
     population_seconds = time.perf_counter() - eval_start

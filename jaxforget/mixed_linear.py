@@ -247,6 +247,7 @@ class MixedLinear:
         self._x, self._t = mesh_lib.shard_rows((train_set.x, targets), self.mesh, self.batch_size)
         self.num_padded = int(self._x.shape[0])
         self._data64 = None
+        self._dual_cols: tuple = (np.zeros(0, np.int64), None)  # (rows, M⁻¹ columns) of the current factor
         self._pre_cache: dict = {}
         self._direct_cache: dict = {}
         self._choice_cache: dict = {}
@@ -485,14 +486,14 @@ class MixedLinear:
             x, t = self._device_data(jnp.float64)
             c = self._row_weights(np.ones(self.num_train, bool), jnp.float64)
             if space == "primal":
-                gram, rhs = self._primal_gram((lin, fix), (x, t, c))
+                chol, solution = self._primal_factor(lin, fix, x, t, c, ridge)
                 targets = None
             else:
                 gram = self._dual_gram(lin, fix, x)
-                rhs = targets = self._dual_targets(lin, fix, x, t)[: self.num_train].reshape(-1)
-            chol = self._spd_cholesky(gram, jnp.float64(ridge))
-            del gram
-            solution = self._cholesky_solve(chol, rhs)
+                targets = self._dual_targets(lin, fix, x, t)[: self.num_train].reshape(-1)
+                chol = self._spd_cholesky(gram, jnp.float64(ridge))
+                del gram
+                solution = self._cholesky_solve(chol, targets)
             jax.block_until_ready(solution)
         if not bool(jnp.all(jnp.isfinite(solution))):
             raise errors.DirectSolveError(
@@ -504,6 +505,13 @@ class MixedLinear:
         self._direct_cache = {"core": state.core, "factor": factor}
         self._dual_cols = (np.zeros(0, np.int64), None)
         return factor
+
+    def _primal_factor(self, lin, fix, x, t, c, ridge: float) -> tuple[jax.Array, jax.Array]:
+        """``(L, w)``: the Cholesky factor of ``Σ_i c_i J_iᵀJ_i + ridge·I`` and the ravelled solution (float64)."""
+        gram, rhs = self._primal_gram((lin, fix), (x, t, c))
+        chol = self._spd_cholesky(gram, jnp.float64(ridge))
+        del gram
+        return chol, self._cholesky_solve(chol, rhs)
 
     def _dual_gram(self, lin: PyTree, fix: PyTree, x: jax.Array) -> jax.Array:
         """``JJᵀ`` (``[N, N]``, float64) over the training rows, ``direct_block`` samples of columns at a time."""
@@ -543,7 +551,7 @@ class MixedLinear:
         ``M⁻¹`` columns of the removed rows) and ``preconditioner`` (CG: the Nyström sketch).
         """
         factor = self._direct_cache.get("factor")
-        cols = self._dual_cols[1] if getattr(self, "_dual_cols", None) else None
+        cols = self._dual_cols[1]
         pre = [v for k, v in self._pre_cache.items() if k != "core"]
 
         def size(tree):
@@ -726,8 +734,7 @@ class MixedLinear:
             x, t = self._device_data(jnp.float64)
             c = self._weights(state.removed_by, jnp.float64)
             ridge = float(self._count(state.removed_by, jnp.float64)) * float(self.config.mu)
-            gram, rhs = self._primal_gram((lin, fix), (x, t, c))
-            solution = self._cholesky_solve(self._spd_cholesky(gram, jnp.float64(ridge)), rhs)
+            _, solution = self._primal_factor(lin, fix, x, t, c, ridge)
             _, unravel = kernels.tree_ravel_with_unravel(lin)
             w = unravel(solution)
             errors.check_finite(w, "exact retrain weights")

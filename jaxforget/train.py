@@ -111,6 +111,14 @@ def _population_epoch_fn(model: nn.Module, optimizer: optax.GradientTransformati
     return jax.jit(jax.vmap(_epoch_body(model, optimizer), in_axes=(0, 0, None, None, 0)))
 
 
+def _batch_and_optimizer(n, batch_size, epochs, learning_rate, momentum, weight_decay):
+    """The effective batch size (at most ``n``) and the optimizer whose cosine schedule spans every step."""
+    batch_size = min(batch_size, n)
+    optimizer = make_optimizer(learning_rate=learning_rate, total_steps=epochs * (n // batch_size),
+                               momentum=momentum, weight_decay=weight_decay)
+    return batch_size, optimizer
+
+
 def train_classifier(
     model: nn.Module,
     variables: PyTree,
@@ -144,14 +152,7 @@ def train_classifier(
       ``(variables, losses)``.
     """
     n = int(len(x))
-    batch_size = min(batch_size, n)
-    steps_per_epoch = n // batch_size
-    optimizer = make_optimizer(
-        learning_rate=learning_rate,
-        total_steps=epochs * steps_per_epoch,
-        momentum=momentum,
-        weight_decay=weight_decay,
-    )
+    batch_size, optimizer = _batch_and_optimizer(n, batch_size, epochs, learning_rate, momentum, weight_decay)
     opt_state = optimizer.init(variables["params"])
     epoch_fn = _epoch_fn(model, optimizer)
     x_dev, y_dev = jax.device_put(jnp.asarray(x)), jax.device_put(jnp.asarray(y))
@@ -202,14 +203,7 @@ def train_classifiers(
       (2, 2)
     """
     n = int(len(x))
-    batch_size = min(batch_size, n)
-    steps_per_epoch = n // batch_size
-    optimizer = make_optimizer(
-        learning_rate=learning_rate,
-        total_steps=epochs * steps_per_epoch,
-        momentum=momentum,
-        weight_decay=weight_decay,
-    )
+    batch_size, optimizer = _batch_and_optimizer(n, batch_size, epochs, learning_rate, momentum, weight_decay)
     opt_state = jax.vmap(optimizer.init)(variables["params"])
     epoch_fn = _population_epoch_fn(model, optimizer)
     x_dev, y_dev = jax.device_put(jnp.asarray(x)), jax.device_put(jnp.asarray(y))
