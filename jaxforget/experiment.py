@@ -111,6 +111,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     splits, ml = build(config)
     device_mesh = ml.mesh
     plan = request_plan(splits, config.requests.num_requests, config.requests.fraction, config.requests.seed)
+    # Before any factorisation: the direct path then compiles once for the whole stream, and knows its length.
+    ml.reserve_capacity(sum(len(r) for r in plan))
     plan_hash = hashlib.sha256(b"".join(r.astype(np.int64).tobytes() for r in plan)).hexdigest()[:16]
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint_max_to_keep)
 
@@ -132,10 +134,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"resumed from checkpoint step {step}", flush=True)
 
     # ------------------------------------------------------------------ reference for the start state
-    # Warm-started at the trained w_u (already near the optimum): a solve from zero costs ~10x more at κ ≈ 1e6.
-    w_oracle, _ = ml.solve(state, w_start=state.w_u, dtype=jnp.float64, tol=config.eval.oracle_tol,
-                           maxiter=config.eval.oracle_maxiter, on_fail="warn")
-    ml.reserve_capacity(sum(len(r) for r in plan))  # the direct path then compiles once for the whole stream
+    # A fresh float64 factorisation where the size allows, else float64 CG warm-started at the trained w_u
+    # (already near the optimum: a solve from zero costs ~10x more at κ ≈ 1e6).
+    w_oracle, _ = ml.reference_solve(state, w_start=state.w_u, tol=config.eval.oracle_tol,
+                                     maxiter=config.eval.oracle_maxiter, on_fail="warn")
     if step < len(plan):
         _warm_up(ml, state, plan[step], config)
         if ml.choose_solver(state.core).path.startswith("direct"):
@@ -162,7 +164,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     choice = ml.choose_solver(state.core)
     meta["solver_choice"] = choice.to_json()
     if choice.path.startswith("direct"):
-        meta["direct_factor_seconds"] = ml.direct_factor(state).build_seconds
+        factor = ml.direct_factor(state)
+        meta["direct_factor_seconds"] = factor.build_seconds
+        meta["direct_inverse_seconds"] = factor.inverse_seconds
 
     # ------------------------------------------------------------------ the request stream
     eta = progress.Eta(len(plan), "requests", done=step)
@@ -170,17 +174,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for k in range(step, len(plan)):
         ids = plan[k]
         new_state, info = ml.forget(state, ids)
-        w_new_oracle, oracle_info = ml.solve(
-            new_state, w_start=w_oracle, dtype=jnp.float64, tol=config.eval.oracle_tol,
-            maxiter=config.eval.oracle_maxiter, on_fail="warn",
+        w_new_oracle, oracle_info = ml.reference_solve(
+            new_state, w_start=w_oracle, tol=config.eval.oracle_tol, maxiter=config.eval.oracle_maxiter,
+            on_fail="warn",
         )
         dist = evaluate.weight_distance(info.w_pre_noise, w_new_oracle)
         before = evaluate.weight_distance(w_before_pre_noise, w_new_oracle)
         record = {
             "request": k + 1,
             "forget": {**info.to_json(), "converged": info.solver != "cg" or info.rel_residual <= config.method.tol},
-            "oracle": {"iterations": int(oracle_info.iterations), "rel_residual": float(oracle_info.rel_residual),
-                       "converged": bool(oracle_info.converged)},
+            "oracle": oracle_info,
             "solver_residual_rel": dist["relative"],
             "influence_left": dist["l2"] / before["l2"] if before["l2"] > 0 else 0.0,
             "readouts": _readouts(ml, new_state, w_new_oracle, splits, ledger.forgotten_ids(new_state.removed_by,
@@ -240,7 +243,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _forget_traces(ml: ml_lib.MixedLinear) -> int:
     """Compiled variants of every kernel a forget request runs."""
-    kernels_ = (ml._newton_step, ml._dual_remove, ml._primal_remove, ml._cholesky_solve, ml._jt_sum)
+    kernels_ = (ml._newton_step, ml._hessian_solve, ml._dual_remove, ml._primal_remove, ml._cholesky_solve,
+                ml._jt_sum, ml._gather_cols, ml._write_cols)
     return sum(k._cache_size() for k in kernels_)
 
 

@@ -625,7 +625,7 @@ def dual_remove_rows(cols: Array, a_full: Array, rhs_rows: Array, rows: Array, v
     (``|F|`` triangular-solve pairs, cached across requests by the caller).
 
     Args:
-      cols: ``[N, F]`` columns :math:`M^{-1}_{:F}` (padding columns arbitrary, masked by ``valid``).
+      cols: ``[N, F]`` columns :math:`M^{-1}_{:F}` (padding columns arbitrary: ignored where ``valid`` is False).
       a_full: ``[N]`` :math:`M^{-1} t`.
       rhs_rows: ``[F]`` :math:`t_F`.
       rows: ``[F]`` int indices of the removed rows (padding entries in range).
@@ -634,10 +634,10 @@ def dual_remove_rows(cols: Array, a_full: Array, rhs_rows: Array, rows: Array, v
     Returns:
       ``[N]`` the reduced solution, zero on ``F``.
     """
-    dtype = cols.dtype
-    keep = valid.astype(dtype)
-    cols = cols * keep[None, :]
-    block = cols[rows] * keep[:, None] + jnp.diag(1.0 - keep)
+    # Only the small quantities are masked (the [N, F] columns are never copied): the padded block is an
+    # uncoupled identity with a zero right-hand side, so its coefficients are exactly zero.
+    keep = valid.astype(cols.dtype)
+    block = cols[rows] * keep[:, None] * keep[None, :] + jnp.diag(1.0 - keep)
     a = a_full - jnp.matmul(cols, rhs_rows * keep, precision=HIGHEST)
     coef = jnp.linalg.solve(block, a[rows] * keep)
     return a - jnp.matmul(cols, coef, precision=HIGHEST)

@@ -97,14 +97,23 @@ class DirectFactor:
     ``space="primal"``: ``chol`` is the Cholesky factor of ``JᵀJ + λI`` (``[P, P]``), ``solution = w_D``.
     ``space="dual"``: ``chol`` factors ``JJᵀ + λI`` (``[N, N]``), ``solution = α_D = (JJᵀ + λI)⁻¹t`` and
     ``targets = t`` (``[N]``), with ``λ = n·μ`` and ``t_i = α y_i − f_c(x_i)``.
+    ``inverse`` (dual only, ``config.direct_inverse``): the explicit ``M⁻¹``; then ``chol`` is dropped
+    (``None``) so that one ``N × N`` matrix is held, and a request's removal columns are a gather.
     """
 
     space: str
-    chol: jax.Array
+    chol: jax.Array | None
     solution: jax.Array
     targets: jax.Array | None
     ridge: float
     build_seconds: float
+    inverse: jax.Array | None = None
+    inverse_seconds: float = 0.0
+
+    @property
+    def size(self) -> int:
+        """Rows of the factorised matrix (``P`` primal, ``N`` dual)."""
+        return int(self.solution.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +162,20 @@ def default_method_config() -> ml_collections.ConfigDict:
     c.direct_space = "auto"  # "primal" (P×P) / "dual" (N×N) force a space; "auto" takes the smaller
     c.direct_refine = 3  # iterative-refinement steps allowed when the float64 residual misses tol
     c.direct_block = 32  # samples per block of Gram columns (memory ~ block·K tangents at once)
+    # Dual path: hold the explicit inverse M⁻¹ instead of its Cholesky factor ("always"/"never"/"auto"). A
+    # request then gathers its removal columns (O(N·|F|K)) instead of 2N² flops per column of triangular
+    # solves. Building it costs ~2N³/3 flops more than the factor, so "auto" takes it on accelerators, and on
+    # CPU when the planned stream (reserve_capacity) removes more than N/3 rows.
+    c.direct_inverse = "auto"
     c.tol = 1e-5  # CG: ‖H v − g‖ ≤ tol·‖g‖
     c.maxiter = 3000
+    # CG arithmetic: "float32" (one Newton-CG solve; its residual recurrence stalls near 1e-3 at κ ≈ 1e6) or
+    # "refined" (mixed-precision iterative refinement: float32 CG solves of the correction to cg_inner_tol,
+    # each followed by a float64 gradient pass on the retained data, until the float64 residual meets tol;
+    # at most cg_refine corrections, maxiter iterations in all).
+    c.cg_precision = "float32"
+    c.cg_inner_tol = 1e-2
+    c.cg_refine = 10
     c.on_fail = "raise"  # or "warn"
     # CG preconditioner: "none", or "nystrom" (rank-r randomized Nyström sketch of the Gauss-Newton term,
     # built once from core data, which is never forgotten, and reused by every request).
@@ -167,7 +188,8 @@ def default_method_config() -> ml_collections.ConfigDict:
     )
     c.user = ml_collections.ConfigDict(
         # "auto": the forget solver's exact path (the direct factorisation when it is chosen, which also
-        # yields the full-data solution, else float64 CG); "cg": float64 CG (a float32 CG from zero stalls
+        # yields the full-data solution), else the reference solve (a fresh primal/dual factorisation when
+        # min(P, N) <= direct_max_size, else float64 CG); "cg": float64 CG (a float32 CG from zero stalls
         # 1e-3-1e-2 away at this conditioning); "sgd": the paper's recipe (SGD + momentum, cosine, 50 epochs).
         dict(solver="auto", tol=1e-10, maxiter=30000, epochs=50, batch_size=128, learning_rate=0.01, momentum=0.9)
     )
@@ -235,6 +257,8 @@ class MixedLinear:
             raise errors.ConfigError(
                 f"preconditioner must be 'none' or 'nystrom', got {config.preconditioner!r}."
             )
+        if config.get("cg_precision", "float32") not in ("float32", "refined"):
+            raise errors.ConfigError(f"cg_precision must be 'float32' or 'refined', got {config.cg_precision!r}.")
         if config.mu <= 0:
             raise errors.ConfigError(f"mu must be > 0 (it makes the user problem strongly convex), got {config.mu}.")
         train_set = splits.train
@@ -247,7 +271,8 @@ class MixedLinear:
         self._x, self._t = mesh_lib.shard_rows((train_set.x, targets), self.mesh, self.batch_size)
         self.num_padded = int(self._x.shape[0])
         self._data64 = None
-        self._dual_cols: tuple = (np.zeros(0, np.int64), None)  # (rows, M⁻¹ columns) of the current factor
+        # (slot rows, filled slots, [N, width] M⁻¹ columns) of the current factor: see _removal_buffer.
+        self._dual_cols: tuple = (np.zeros(0, np.int64), 0, None)
         self._pre_cache: dict = {}
         self._direct_cache: dict = {}
         self._choice_cache: dict = {}
@@ -307,6 +332,11 @@ class MixedLinear:
                 precond=precond,
             )
             return kernels.tree_sub(w_u, v), kernels.tree_norm(g), kernels.tree_norm(v), info
+
+        def hessian_solve(lin, fix, rhs, x, c, count, mu, tol, maxiter, pre=None):
+            precond = None if pre is None else kernels.nystrom_precond(pre, mu)
+            return kernels.cg_solve(lambda u: hessian_matvec(lin, fix, u, x, c, count, mu), rhs, tol=tol,
+                                    maxiter=maxiter, precond=precond)
 
         def nystrom(lin, fix, x, c, key, rank):
             count = jnp.maximum(jnp.sum(c), 1).astype(x.dtype)
@@ -375,10 +405,14 @@ class MixedLinear:
         self._j_apply = jax.jit(_highest(j_apply))
         self._dual_remove = jax.jit(_highest(kernels.dual_remove_rows))
         self._primal_remove = jax.jit(_highest(primal_remove))
-        self._gather_rows = jax.jit(lambda cols, rows: cols[rows])
+        # M⁻¹ is symmetric: its columns are gathered as contiguous rows (~4x faster than a strided column gather).
+        self._gather_cols = jax.jit(lambda sym, cols: sym[cols].T)
+        self._write_cols = jax.jit(lambda buf, cols, slots: buf.at[:, slots].set(cols, mode="drop"))
+        self._inverse_times = jax.jit(lambda inv, rhs: jnp.matmul(inv, rhs, precision=jax.lax.Precision.HIGHEST))
         self._gradient = jax.jit(_highest(gradient))
         self._hessian_matvec = jax.jit(_highest(hessian_matvec))
         self._newton_step = jax.jit(_highest(newton_step))
+        self._hessian_solve = jax.jit(_highest(hessian_solve))
         self._nystrom = jax.jit(_highest(nystrom), static_argnums=(5,))
         self._largest_eigenvalue = jax.jit(_highest(largest_eigenvalue))
         self._predict = jax.jit(_highest(predict))
@@ -500,11 +534,52 @@ class MixedLinear:
                 f"The {space} Gram matrix ({chol.shape[0]} x {chol.shape[0]}, ridge λ = n·μ = {ridge:.3g}) is "
                 "not numerically positive definite in float64; increase mu or use solver='cg'."
             )
-        factor = DirectFactor(space, chol, solution, targets, ridge, time.perf_counter() - start)
+        build_seconds = time.perf_counter() - start
+        inverse, inverse_seconds = None, 0.0
+        if space == "dual" and self._wants_inverse(chol.shape[0]):
+            start = time.perf_counter()
+            with compat.enable_x64():
+                inverse = jax.block_until_ready(self._spd_inverse(chol))
+            chol, inverse_seconds = None, time.perf_counter() - start
+        factor = DirectFactor(space, chol, solution, targets, ridge, build_seconds, inverse, inverse_seconds)
         # One core at a time (the matrices can be large); removal columns belong to the factor.
         self._direct_cache = {"core": state.core, "factor": factor}
-        self._dual_cols = (np.zeros(0, np.int64), None)
+        self._dual_cols = (np.zeros(0, np.int64), 0, None)
         return factor
+
+    def _wants_inverse(self, size: int) -> bool:
+        """Whether the dual path holds ``M⁻¹`` explicitly (``config.direct_inverse``, see its comment)."""
+        mode = self.config.get("direct_inverse", "auto")
+        if mode not in ("auto", "always", "never"):
+            raise errors.ConfigError(f"direct_inverse must be 'auto', 'always' or 'never', got {mode!r}.")
+        if mode != "auto":
+            return mode == "always"
+        planned_rows = getattr(self, "direct_capacity", 0) * self.num_classes
+        return jax.default_backend() != "cpu" or 3 * planned_rows > size
+
+    def _spd_inverse(self, chol: jax.Array) -> jax.Array:
+        """``(LLᵀ)⁻¹`` from the lower factor (float64, symmetric).
+
+        On CPU LAPACK's ``potri`` (``~2N³/3`` flops, in place on a host copy); on accelerators two triangular
+        solves against the identity (``2N³``, but at accelerator speed and without a host round trip).
+        """
+        if jax.default_backend() == "cpu":
+            from scipy.linalg import lapack  # pylint: disable=import-outside-toplevel
+
+            lower = np.array(chol, np.float64, order="F")
+            inv, info = lapack.dpotri(lower, lower=1, overwrite_c=1)
+            if info != 0:
+                raise errors.DirectSolveError(f"LAPACK potri failed (info={info}) on the {inv.shape[0]}² dual factor.")
+            del lower
+            inv = np.tril(inv) + np.tril(inv, -1).T
+            return self._replicated(jnp.asarray(inv))
+        return self._replicated(self._cholesky_solve(chol, jnp.eye(chol.shape[0], dtype=chol.dtype)))
+
+    def _factor_solve(self, factor: DirectFactor, rhs: jax.Array) -> jax.Array:
+        """``M⁻¹ rhs`` with the factor's explicit inverse, else its Cholesky factor."""
+        if factor.inverse is not None:
+            return self._inverse_times(factor.inverse, rhs)
+        return self._cholesky_solve(factor.chol, rhs)
 
     def _primal_factor(self, lin, fix, x, t, c, ridge: float) -> tuple[jax.Array, jax.Array]:
         """``(L, w)``: the Cholesky factor of ``Σ_i c_i J_iᵀJ_i + ridge·I`` and the ravelled solution (float64)."""
@@ -513,8 +588,10 @@ class MixedLinear:
         del gram
         return chol, self._cholesky_solve(chol, rhs)
 
-    def _dual_gram(self, lin: PyTree, fix: PyTree, x: jax.Array) -> jax.Array:
-        """``JJᵀ`` (``[N, N]``, float64) over the training rows, ``direct_block`` samples of columns at a time."""
+    def _dual_gram(self, lin: PyTree, fix: PyTree, x: jax.Array, keep: np.ndarray | None = None) -> jax.Array:
+        """``JJᵀ`` (``[N, N]``, float64) over the training rows, ``direct_block`` samples of columns at a time.
+
+        ``keep`` (``bool[N]``): only those rows and columns (computed in full, subset on the host)."""
         n, k = self.num_train, self.num_classes
         block = int(self.config.get("direct_block", 32))
         x_host = np.asarray(self.splits.train.x, np.float64)
@@ -526,23 +603,45 @@ class MixedLinear:
             gram[:, lo * k : lo * k + width] = cols[: n * k, :width]
         gram += gram.T  # the two triangles come from different JVPs: equal up to rounding
         gram *= 0.5
+        if keep is not None:
+            gram = gram[np.ix_(keep, keep)]
         return self._replicated(jnp.asarray(gram))
 
-    def _removal_columns(self, factor: DirectFactor, rows: np.ndarray) -> jax.Array:
-        """``M⁻¹[:, rows]`` (``[N, len(rows)]``), reusing the columns of earlier requests (sequential streams)."""
-        cached_rows, cached = self._dual_cols
-        if cached is None or not np.isin(cached_rows, rows).all():
-            cached_rows, cached = np.zeros(0, np.int64), None
-        new_rows = np.setdiff1d(rows, cached_rows)
+    def _removal_buffer(self, factor: DirectFactor, rows: np.ndarray, width: int) -> tuple[jax.Array, np.ndarray,
+                                                                                         np.ndarray]:
+        """The removal columns ``M⁻¹[:, rows]`` in a fixed-width buffer, so that a stream compiles once.
+
+        With the explicit inverse they are gathered afresh (``O(N·width)``). Otherwise the columns of earlier
+        requests are kept (sequential streams) and only a request's new rows cost triangular solves, written
+        into free slots (a padded block of new columns, its padding dropped).
+
+        Returns:
+          ``(cols [N, width], slots [width], valid [width])``: column ``j`` is ``M⁻¹[:, slots[j]]`` where
+          ``valid[j]``; other slots are padding.
+        """
+        if factor.inverse is not None:
+            slots = np.zeros(width, np.int64)
+            slots[: rows.size] = rows
+            cols = self._gather_cols(factor.inverse, self._replicated(jnp.asarray(slots)))
+            return cols, slots, np.arange(width) < rows.size
+        slots, count, buf = self._dual_cols
+        if buf is None or buf.shape[1] != width or not np.isin(slots[:count], rows).all():
+            slots, count = np.zeros(width, np.int64), 0
+            buf = self._replicated(jnp.zeros((factor.size, width), jnp.float64))
+        new_rows = np.setdiff1d(rows, slots[:count])
         if new_rows.size:
-            unit = np.zeros((factor.chol.shape[0], new_rows.size), np.float64)
+            bucket = 1 << int(np.ceil(np.log2(max(new_rows.size, self.num_classes))))  # O(log) block shapes
+            unit = np.zeros((factor.size, bucket), np.float64)
             unit[new_rows, np.arange(new_rows.size)] = 1.0
             fresh = self._cholesky_solve(factor.chol, self._replicated(jnp.asarray(unit)))
-            cached = fresh if cached is None else jnp.concatenate([cached, fresh], axis=1)
-            cached_rows = np.concatenate([cached_rows, new_rows])
-        self._dual_cols = (cached_rows, cached)
-        order = np.searchsorted(cached_rows, rows, sorter=np.argsort(cached_rows))
-        return cached[:, np.argsort(cached_rows)[order]] if rows.size else cached[:, :0]
+            target = np.full(bucket, width, np.int64)  # out of range: the padding columns are dropped
+            target[: new_rows.size] = count + np.arange(new_rows.size)
+            buf = self._write_cols(buf, fresh, self._replicated(jnp.asarray(target)))
+            slots = slots.copy()
+            slots[count : count + new_rows.size] = new_rows
+            count += new_rows.size
+        self._dual_cols = (slots, count, buf)
+        return buf, slots, np.arange(width) < count
 
     def solver_memory_bytes(self) -> dict[str, int]:
         """Bytes held by the solver state of the current core, from the arrays themselves.
@@ -551,14 +650,14 @@ class MixedLinear:
         ``M⁻¹`` columns of the removed rows) and ``preconditioner`` (CG: the Nyström sketch).
         """
         factor = self._direct_cache.get("factor")
-        cols = self._dual_cols[1]
+        cols = self._dual_cols[2]
         pre = [v for k, v in self._pre_cache.items() if k != "core"]
 
         def size(tree):
             return int(sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(tree)))
 
         return {
-            "factor": size([factor.chol, factor.solution, factor.targets]) if factor is not None else 0,
+            "factor": size([factor.chol, factor.inverse, factor.solution, factor.targets]) if factor is not None else 0,
             "removal_columns": size(cols) if cols is not None else 0,
             "preconditioner": size(pre),
         }
@@ -599,11 +698,8 @@ class MixedLinear:
             _, unravel = kernels.tree_ravel_with_unravel(lin)
             if factor.space == "dual":
                 rows = (padded[:, None] * k + np.arange(k)).reshape(-1)
-                row_valid = jnp.asarray(np.repeat(valid, k))
-                cols = jnp.zeros((factor.chol.shape[0], rows.size), dtype)
-                if len(removed):
-                    cols = cols.at[:, : len(removed) * k].set(self._removal_columns(factor, rows[: len(removed) * k]))
-                rows_j = jnp.asarray(rows)
+                cols, slots, slot_valid = self._removal_buffer(factor, rows[: len(removed) * k], rows.size)
+                rows_j, row_valid = jnp.asarray(slots), jnp.asarray(slot_valid)
                 retained = jnp.asarray(np.repeat(ledger.retain_mask(removed_by), k), dtype)
 
                 def to_weights(alpha):
@@ -640,7 +736,7 @@ class MixedLinear:
                     jw = self._j_apply(lin, fix, x, w)[: self.num_train].reshape(-1)
                     r = (factor.targets - jw - factor.ridge * alpha) * retained
                     r = self._replicated(r)
-                    alpha = alpha + self._dual_remove(cols, self._replicated(self._cholesky_solve(factor.chol, r)),
+                    alpha = alpha + self._dual_remove(cols, self._replicated(self._factor_solve(factor, r)),
                                                       self._replicated(r[rows_j]), rows_j, row_valid)
                     w = to_weights(alpha)
                 else:
@@ -718,27 +814,67 @@ class MixedLinear:
     def exact_retrain(self, state: MixedLinearState, *, tol: float = 1e-11, maxiter: int | None = None) -> PyTree:
         """The float64 minimiser on the state's retained rows, computed afresh (never from a downdate).
 
-        Primal sizes (``P ≤`` ``direct_max_size``) factorise the reduced system ``Σ_{D_r} J_iᵀJ_i + λI``
-        directly; otherwise a float64 CG solve to ``tol``. This is the reference a forget is judged
-        against, so it shares no code path with the removal formulas.
+        See :meth:`reference_solve` (this is it with ``on_fail="raise"``, returning the weights only).
 
         Returns:
           ``w*`` (float64 pytree shaped like ``state.w_u``).
         """
+        w, _ = self.reference_solve(state, tol=tol, maxiter=maxiter, on_fail="raise")
+        return w
+
+    def reference_solve(
+        self, state: MixedLinearState, *, w_start: PyTree | None = None, tol: float = 1e-11,
+        maxiter: int | None = None, on_fail: str = "raise",
+    ) -> tuple[PyTree, dict]:
+        """The retrain oracle: the float64 minimiser on the retained rows by the cheapest exact route.
+
+        When the smaller of the reduced systems has at most ``direct_max_size`` rows it is factorised
+        afresh: the primal ``Σ_{D_r} J_iᵀJ_i + λI`` (``P × P``) or the dual ``J_r J_rᵀ + λI`` over the retained
+        rows only (``N_r × N_r``, then ``w = J_rᵀα``; ``config.direct_space`` forces one). Otherwise float64
+        CG to ``tol`` from ``w_start``. It shares no code with the removal formulas (Woodbury, Schur
+        complement), so a forget is judged by an independent computation.
+
+        Returns:
+          ``(w*, info)``: float64 weights and ``{"route", "iterations", "rel_residual", "converged"}``.
+        """
         choice = self.choose_solver(state.core)
-        if choice.num_params > choice.direct_max_size:
-            w, _ = self.solve(state, dtype=jnp.float64, tol=tol, maxiter=maxiter, on_fail="raise")
-            return w
+        retained = ledger.retain_mask(state.removed_by)
+        num_rows = int(retained.sum()) * self.num_classes
+        if min(choice.num_params, num_rows) > choice.direct_max_size:
+            w, info = self.solve(state, w_start=w_start, dtype=jnp.float64, tol=tol, maxiter=maxiter, on_fail=on_fail)
+            return w, {"route": "cg", "iterations": int(info.iterations), "rel_residual": float(info.rel_residual),
+                       "converged": bool(info.converged)}
         with compat.enable_x64():
             lin, fix = self._replicated(kernels.tree_cast(self.split(state.core), jnp.float64))
             x, t = self._device_data(jnp.float64)
             c = self._weights(state.removed_by, jnp.float64)
-            ridge = float(self._count(state.removed_by, jnp.float64)) * float(self.config.mu)
-            _, solution = self._primal_factor(lin, fix, x, t, c, ridge)
+            count = self._count(state.removed_by, jnp.float64)
+            ridge = float(count) * float(self.config.mu)
             _, unravel = kernels.tree_ravel_with_unravel(lin)
-            w = unravel(solution)
+            forced = self.config.get("direct_space", "auto")
+            if forced == "primal" or (forced != "dual" and choice.num_params <= num_rows):
+                route = "primal"
+                _, solution = self._primal_factor(lin, fix, x, t, c, ridge)
+                w = unravel(solution)
+            else:
+                route = "dual"
+                keep = np.repeat(retained, self.num_classes)
+                gram = self._dual_gram(lin, fix, x, keep=keep)  # the retained rows' Gram, no downdate
+                targets = self._dual_targets(lin, fix, x, t)[: self.num_train].reshape(-1)[keep]
+                chol = self._spd_cholesky(gram, jnp.float64(ridge))
+                del gram
+                alpha = np.zeros((self.num_padded, self.num_classes), np.float64)
+                alpha[: self.num_train][retained] = np.asarray(self._cholesky_solve(chol, targets)).reshape(
+                    -1, self.num_classes)
+                del chol
+                coef = mesh_lib.shard_rows(alpha, self.mesh, self.num_padded // self.mesh.size)
+                w = self._jt_sum((lin, fix), (x, coef))
             errors.check_finite(w, "exact retrain weights")
-            return w
+            g, _ = self._gradient(lin, fix, w, x, t, c, count, self.config.mu)
+            b_norm = float(kernels.tree_norm(self._gradient(lin, fix, kernels.tree_zeros_like(w), x, t, c, count,
+                                                            self.config.mu)[0]))
+            rel = float(kernels.tree_norm(g)) / max(b_norm, 1e-300)
+        return w, {"route": route, "iterations": 0, "rel_residual": rel, "converged": rel <= max(tol, 1e-8)}
 
     def init_state(self, core: PyTree) -> MixedLinearState:
         """A state on ``core`` with zero user weights and nothing forgotten (no training)."""
@@ -760,9 +896,12 @@ class MixedLinear:
         uc = self.config.user
         user_solver = uc.solver
         if user_solver == "auto":
-            user_solver = "direct" if self.choose_solver(core).path.startswith("direct") else "cg"
+            user_solver = "direct" if self.choose_solver(core).path.startswith("direct") else "reference"
         if user_solver == "direct":
             w64, _, _, _ = self._direct_solve(state, state.removed_by, state.w_u)
+            w_u = kernels.tree_cast(w64, jnp.float32)
+        elif user_solver == "reference":  # a factorisation when the size allows (else float64 CG)
+            w64, _ = self.reference_solve(state, tol=uc.tol, maxiter=uc.maxiter, on_fail="warn")
             w_u = kernels.tree_cast(w64, jnp.float32)
         elif user_solver == "cg":
             w_u, _ = self.solve(state, dtype=jnp.float64, tol=uc.tol, maxiter=uc.maxiter, on_fail="warn")
@@ -979,6 +1118,10 @@ class MixedLinear:
             # Map back Jᵀα (dual); float64 gradients at w_old and w; per refinement a J pass and a Jᵀ pass (dual).
             per_refinement = 3.0 if path == "direct-dual" else 1.0
             passes = (1.0 if path == "direct-dual" else 0.0) + 2.0 + per_refinement * refinements
+        elif path == "cg" and cfg.get("cg_precision", "float32") == "refined":
+            w64, rel, g_norm, iterations, passes = self._refined_newton(state, new_removed, request)
+            w_new = self._replicated(kernels.tree_cast(w64, jnp.float32))
+            v_norm = float(evaluate.weight_distance(w64, state.w_u)["l2"])
         elif path == "cg":
             w_new, g_norm, v_norm, cg = self._newton_step(
                 lin, fix, w_u, self._x, self._t, c, count, cfg.mu, cfg.tol, 0.0, cfg.maxiter,
@@ -1012,6 +1155,55 @@ class MixedLinear:
             grad_norm=float(g_norm), step_norm=float(v_norm), sigma=sigma, seconds=seconds, w_pre_noise=w_pre_noise,
         )
         return new_state, info
+
+    def _refined_newton(self, state: MixedLinearState, removed_by, request: int) -> tuple[PyTree, float, float, int,
+                                                                                           float]:
+        """Mixed-precision iterative refinement of the Newton step (``config.cg_precision = "refined"``).
+
+        ``w ← w − δ`` with ``H δ ≈ g₆₄(w)`` solved by float32 (preconditioned) CG to ``cg_inner_tol``, where
+        ``g₆₄`` is the float64 gradient on the retained rows. The float32 solve only has to reduce the current
+        residual by ``cg_inner_tol`` (which it reaches before its recurrence drifts); the float64 pass
+        measures the true residual, so the iterate converges to float64 accuracy at float32 matvec cost.
+
+        Returns:
+          ``(w (float64), ‖g₆₄(w)‖/‖g₆₄(w_old)‖, ‖g₆₄(w_old)‖, CG iterations, passes)``.
+
+        Raises:
+          CGNotConvergedError: tol missed after ``cg_refine`` corrections or ``maxiter`` iterations
+            (``on_fail="warn"`` accepts).
+        """
+        cfg = self.config
+        lin32, fix32 = self.split(state.core)
+        c32, count32 = self._weights(removed_by, jnp.float32), self._count(removed_by, jnp.float32)
+        pre = self.preconditioner(state)
+        with compat.enable_x64():
+            lin, fix = self._replicated(kernels.tree_cast(self.split(state.core), jnp.float64))
+            x, t = self._device_data(jnp.float64)
+            c, count = self._weights(removed_by, jnp.float64), self._count(removed_by, jnp.float64)
+            w = self._replicated(kernels.tree_cast(state.w_u, jnp.float64))
+            g, _ = self._gradient(lin, fix, w, x, t, c, count, cfg.mu)
+            errors.check_finite(g, "residual gradient g")
+            g_old_norm = max(float(kernels.tree_norm(g)), 1e-300)
+            rel, iterations, passes, steps = 1.0, 0, 1.0, 0
+            while rel > cfg.tol and steps < int(cfg.cg_refine) and iterations < int(cfg.maxiter):
+                rhs = self._replicated(kernels.tree_cast(g, jnp.float32))
+                delta, info = self._hessian_solve(lin32, fix32, rhs, self._x, c32, count32, cfg.mu,
+                                                  cfg.cg_inner_tol, int(cfg.maxiter) - iterations, pre)
+                errors.check_finite(delta, f"correction {steps + 1} of forget request {request}")
+                w = kernels.tree_sub(w, self._replicated(kernels.tree_cast(delta, jnp.float64)))
+                g, _ = self._gradient(lin, fix, w, x, t, c, count, cfg.mu)
+                rel = float(kernels.tree_norm(g)) / g_old_norm
+                iterations += int(info.iterations)
+                passes += int(info.iterations) + 1.0
+                steps += 1
+        if not rel <= cfg.tol:
+            message = (f"forget request {request} (refined Newton-CG) did not converge: float64 relative residual "
+                       f"{rel:.3e} after {steps} corrections and {iterations} CG iterations; raise maxiter or "
+                       "cg_refine, or add a preconditioner.")
+            if cfg.on_fail == "raise":
+                raise errors.CGNotConvergedError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return w, rel, g_old_norm, iterations, passes
 
     def forget_all(self, state: MixedLinearState) -> MixedLinearState:
         """Forgets every user sample exactly: ``w_u = 0``, so the model is the core model.

@@ -65,6 +65,7 @@ def build(config, meta: dict, *, splits: dict, env: dict) -> dict:
         "preconditioner_build_seconds": meta.get("preconditioner_build_seconds"),
         "solver_choice": meta.get("solver_choice"),
         "direct_factor_seconds": meta.get("direct_factor_seconds"),
+        "direct_inverse_seconds": meta.get("direct_inverse_seconds"),
         "solver_memory_bytes": meta.get("solver_memory_bytes"),
         "peak_host_rss_mib": meta.get("peak_host_rss_mib"),
         "sigma_sweep": meta.get("sigma_sweep"),

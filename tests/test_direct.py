@@ -218,15 +218,73 @@ def test_a_failed_factorisation_or_residual_raises_and_keeps_the_state(problem):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state), before)
 
 
-def test_exact_retrain_refactorises_the_reduced_system(problem):
+@pytest.mark.parametrize("space", ["primal", "dual"])
+def test_exact_retrain_refactorises_the_reduced_system(problem, space):
     """The oracle the harness judges against: a fresh factorisation of the retained system, equal to lstsq."""
     splits, methods, states, dense = problem
-    ml = methods["primal"]
-    state = states["primal"]
+    ml = methods[space]
+    state = states[space]
     removed = ledger.record(state.removed_by, np.searchsorted(ml.train_ids, splits.user_ids[5:12]), 1)
-    w = ml.exact_retrain(state.replace(removed_by=removed))
+    w, info = ml.reference_solve(state.replace(removed_by=removed))
+    assert info["route"] == space and info["converged"] and info["rel_residual"] <= 1e-9
     expected = dense_fixed_minimiser(ml, dense, removed)
     assert np.linalg.norm(ravel64(w) - expected) <= 1e-8 * np.linalg.norm(expected)
+    np.testing.assert_allclose(ravel64(ml.exact_retrain(state.replace(removed_by=removed))), ravel64(w))
+
+
+def test_the_explicit_dual_inverse_serves_the_same_stream_as_the_factor(problem):
+    """direct_inverse='always' holds M⁻¹ (no Cholesky factor) and gathers columns: same answers, one matrix held."""
+    splits, methods, states, dense = problem
+    ml = mixed_linear.MixedLinear(methods["dual"].model, splits,
+                                  small_config(solver="direct", direct_space="dual", direct_inverse="always"),
+                                  mesh=mesh.make_mesh(2))
+    state = ml.init(jax.random.key(0), core=states["dual"].core)
+    factor = ml.direct_factor(state)
+    rows = ml.num_train * ml.num_classes
+    assert factor.chol is None and factor.inverse.shape == (rows, rows) and factor.inverse_seconds > 0
+    with compat.enable_x64():
+        eye = np.asarray(factor.inverse) @ (np.asarray(methods["dual"].direct_factor(states["dual"]).chol)
+                                            @ np.asarray(methods["dual"].direct_factor(states["dual"]).chol).T)
+    np.testing.assert_allclose(eye, np.eye(rows), atol=1e-5)  # κ(M)·ε: the stream below is checked to 1e-8
+    assert ml.solver_memory_bytes()["factor"] < 1.01 * (rows * rows + 2 * rows) * 8
+    for ids in (splits.user_ids[:3], splits.user_ids[40:46]):
+        state, info = ml.forget(state, ids, sigma=0.0)
+        assert info.solver == "direct-dual" and info.rel_residual <= 1e-8
+        expected = dense_fixed_minimiser(ml, dense, state.removed_by)
+        w64 = ravel64(ml._direct_solve(state, state.removed_by, state.w_u)[0])
+        assert np.linalg.norm(w64 - expected) <= 1e-8 * np.linalg.norm(expected)
+
+
+def test_refined_cg_reaches_float64_accuracy_that_float32_cg_cannot(problem):
+    """Mixed-precision refinement: float32 CG corrections, float64 residuals, to a tol below float32's reach."""
+    splits, methods, states, dense = problem
+    ids = splits.user_ids[50:55]
+    plain = mixed_linear.MixedLinear(methods["dual"].model, splits, small_config(solver="cg", tol=1e-9, maxiter=4000),
+                                     mesh=mesh.make_mesh(2))
+    with pytest.raises(errors.CGNotConvergedError):
+        plain.forget(states["dual"], ids, sigma=0.0)
+    refined = mixed_linear.MixedLinear(
+        methods["dual"].model, splits, small_config(solver="cg", tol=1e-9, maxiter=4000, cg_precision="refined"),
+        mesh=mesh.make_mesh(2))
+    state, info = refined.forget(states["dual"], ids, sigma=0.0)
+    assert info.solver == "cg" and info.rel_residual <= 1e-9 and info.passes >= info.iterations + 2
+    expected = dense_fixed_minimiser(refined, dense, state.removed_by)
+    # The state holds float32 weights: the float64 solution, rounded.
+    assert np.linalg.norm(ravel64(state.w_u) - expected) <= 1e-6 * np.linalg.norm(expected)
+    with pytest.raises(errors.ConfigError, match="cg_precision"):
+        mixed_linear.MixedLinear(refined.model, splits, small_config(solver="cg", cg_precision="float16"))
+
+
+def test_auto_takes_the_explicit_inverse_on_cpu_only_for_a_long_planned_stream(problem):
+    splits, methods, _, _ = problem
+    ml = mixed_linear.MixedLinear(methods["dual"].model, splits, small_config(direct_space="dual"),
+                                  mesh=mesh.make_mesh(1))
+    rows = ml.num_train * ml.num_classes
+    assert not ml._wants_inverse(rows)  # nothing planned: triangular solves per request are cheaper
+    ml.reserve_capacity(rows // (3 * ml.num_classes) + 1)
+    assert ml._wants_inverse(rows)
+    with pytest.raises(errors.ConfigError, match="direct_inverse"):
+        mixed_linear.MixedLinear(ml.model, splits, small_config(direct_inverse="yes"))._wants_inverse(rows)
 
 
 def test_cores_trained_in_parallel_equal_cores_trained_one_by_one(problem):
