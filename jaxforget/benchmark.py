@@ -233,9 +233,9 @@ def markdown(out: dict) -> str:
         "",
         "| workload | P | κ | solver | precond. | build s | solver MiB | CG its | passes | forget s | amortised s | "
         "rel. error | influence left | "
-        "forget/CG-retrain time | CG-retrain rel. err | forget/SGD-retrain time | SGD-retrain rel. err | "
-        "GN matvec / fwd+bwd | recompiles |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "forget/CG-retrain time | CG-retrain passes ÷ forget passes | CG-retrain rel. err | forget/SGD-retrain time | "
+        "SGD-retrain rel. err | GN matvec / fwd+bwd | recompiles |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, w in out["workloads"].items():
         reqs = w["per_request"]
@@ -251,6 +251,7 @@ def markdown(out: dict) -> str:
             f"| {med(lambda r: r['forget_seconds']):.3f} | {_fmt_seconds(w.get('amortised_forget_seconds'))} "
             f"| {med(lambda r: r['forget_rel_error']):.1e} | {med(lambda r: r['influence_left']):.1e} "
             f"| {med(lambda r: r['forget_over_retrain_time'].get('cg_retrain')):.2f} "
+            f"| {med(lambda r: r['retrain_passes_over_forget_passes'].get('cg_retrain')):.1f} "
             f"| {med(lambda r: r['retrain'].get('cg_retrain', {}).get('rel_error')):.1e} "
             f"| {med(lambda r: r['forget_over_retrain_time'].get('sgd_retrain')):.2f} "
             f"| {med(lambda r: r['retrain'].get('sgd_retrain', {}).get('rel_error')):.1e} "
@@ -260,14 +261,20 @@ def markdown(out: dict) -> str:
     if cross:
         lines += ["", f"Direct vs CG by size (head linearized, mean over {cross['requests']} requests after a "
                       "warm-up; amortised = (build + Σ forget) / requests):", "",
-                  "| P | direct build s | direct forget s | direct amortised s | direct MiB | CG forget s |",
-                  "|---|---|---|---|---|---|"]
+                  "| P | direct build s | direct forget s | direct amortised s | direct MiB | CG forget s | "
+                  "break-even requests |",
+                  "|---|---|---|---|---|---|---|"]
         for r in cross["rows"]:
-            d = r["direct"]
+            d, cg = r["direct"], r["cg"]["forget_seconds"]
+            # Requests after which the one-off build has paid for itself: build / (CG − direct) per request.
+            even = f"{d['build_seconds'] / (cg - d['forget_seconds']):.1f}" if cg > d["forget_seconds"] else "never"
             lines.append(f"| {r['num_params']} | {d['build_seconds']:.3f} | {d['forget_seconds']:.4f} "
-                         f"| {d['amortised_seconds']:.4f} | {d['memory_bytes'] / 2**20:.1f} "
-                         f"| {r['cg']['forget_seconds']:.4f} |")
-        lines += ["", "Crossover: " + (f"direct stops paying at P ≈ {cross['crossover_num_params']}."
+                         f"| {d['amortised_seconds']:.4f} | {d['memory_bytes'] / 2**20:.1f} | {cg:.4f} | {even} |")
+        lines += ["", "Crossover: " + (f"amortised over this {cross['requests']}-request stream, direct stops paying "
+                                       f"at P ≈ {cross['crossover_num_params']}; per request it is "
+                                       + ("faster at every P of the sweep." if all(
+                                           r["direct"]["forget_seconds"] < r["cg"]["forget_seconds"]
+                                           for r in cross["rows"]) else "not faster at every P.")
                                        if cross["crossover_num_params"] else
                                        "the direct path stays ahead over the whole sweep.")]
     ev = out.get("evaluation")

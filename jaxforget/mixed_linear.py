@@ -188,7 +188,7 @@ def default_method_config() -> ml_collections.ConfigDict:
     )
     c.user = ml_collections.ConfigDict(
         # "auto": the forget solver's exact path (the direct factorisation when it is chosen, which also
-        # yields the full-data solution), else the reference solve (a fresh primal/dual factorisation when
+        # yields the full-data solution), else "reference" (a fresh primal/dual factorisation when
         # min(P, N) <= direct_max_size, else float64 CG); "cg": float64 CG (a float32 CG from zero stalls
         # 1e-3-1e-2 away at this conditioning); "sgd": the paper's recipe (SGD + momentum, cosine, 50 epochs).
         dict(solver="auto", tol=1e-10, maxiter=30000, epochs=50, batch_size=128, learning_rate=0.01, momentum=0.9)
@@ -402,6 +402,10 @@ class MixedLinear:
         self._jt_sum = jax.jit(_highest(mesh_lib.data_parallel_sum(jt_batch, self.mesh, bs)))
         self._spd_cholesky = jax.jit(_highest(spd_cholesky))
         self._cholesky_solve = jax.jit(_highest(kernels.cholesky_solve))
+        # The reference solve (oracle) compiles its own copies: its reduced sizes change with every request, and
+        # those traces must not count as (or evict) the forget path's compilations.
+        self._ref_cholesky_solve = jax.jit(_highest(kernels.cholesky_solve))
+        self._ref_jt_sum = jax.jit(_highest(mesh_lib.data_parallel_sum(jt_batch, self.mesh, bs)))
         self._j_apply = jax.jit(_highest(j_apply))
         self._dual_remove = jax.jit(_highest(kernels.dual_remove_rows))
         self._primal_remove = jax.jit(_highest(primal_remove))
@@ -581,12 +585,12 @@ class MixedLinear:
             return self._inverse_times(factor.inverse, rhs)
         return self._cholesky_solve(factor.chol, rhs)
 
-    def _primal_factor(self, lin, fix, x, t, c, ridge: float) -> tuple[jax.Array, jax.Array]:
+    def _primal_factor(self, lin, fix, x, t, c, ridge: float, solve=None) -> tuple[jax.Array, jax.Array]:
         """``(L, w)``: the Cholesky factor of ``Σ_i c_i J_iᵀJ_i + ridge·I`` and the ravelled solution (float64)."""
         gram, rhs = self._primal_gram((lin, fix), (x, t, c))
         chol = self._spd_cholesky(gram, jnp.float64(ridge))
         del gram
-        return chol, self._cholesky_solve(chol, rhs)
+        return chol, (solve or self._cholesky_solve)(chol, rhs)
 
     def _dual_gram(self, lin: PyTree, fix: PyTree, x: jax.Array, keep: np.ndarray | None = None) -> jax.Array:
         """``JJᵀ`` (``[N, N]``, float64) over the training rows, ``direct_block`` samples of columns at a time.
@@ -854,7 +858,7 @@ class MixedLinear:
             forced = self.config.get("direct_space", "auto")
             if forced == "primal" or (forced != "dual" and choice.num_params <= num_rows):
                 route = "primal"
-                _, solution = self._primal_factor(lin, fix, x, t, c, ridge)
+                _, solution = self._primal_factor(lin, fix, x, t, c, ridge, solve=self._ref_cholesky_solve)
                 w = unravel(solution)
             else:
                 route = "dual"
@@ -864,11 +868,11 @@ class MixedLinear:
                 chol = self._spd_cholesky(gram, jnp.float64(ridge))
                 del gram
                 alpha = np.zeros((self.num_padded, self.num_classes), np.float64)
-                alpha[: self.num_train][retained] = np.asarray(self._cholesky_solve(chol, targets)).reshape(
+                alpha[: self.num_train][retained] = np.asarray(self._ref_cholesky_solve(chol, targets)).reshape(
                     -1, self.num_classes)
                 del chol
                 coef = mesh_lib.shard_rows(alpha, self.mesh, self.num_padded // self.mesh.size)
-                w = self._jt_sum((lin, fix), (x, coef))
+                w = self._ref_jt_sum((lin, fix), (x, coef))
             errors.check_finite(w, "exact retrain weights")
             g, _ = self._gradient(lin, fix, w, x, t, c, count, self.config.mu)
             b_norm = float(kernels.tree_norm(self._gradient(lin, fix, kernels.tree_zeros_like(w), x, t, c, count,
@@ -909,7 +913,8 @@ class MixedLinear:
         elif user_solver == "sgd":
             w_u = self.sgd_train(state, epochs=uc.epochs, seed=int(jax.random.randint(key_user, (), 0, 2**30)))
         else:
-            raise errors.ConfigError(f"user.solver must be 'auto', 'direct', 'cg' or 'sgd', got {uc.solver!r}.")
+            raise errors.ConfigError(
+                f"user.solver must be 'auto', 'direct', 'reference', 'cg' or 'sgd', got {uc.solver!r}.")
         return state.replace(w_u=w_u)
 
     def solve(
