@@ -160,13 +160,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     w_before_pre_noise = state.w_u
     # Nothing may recompile between requests: count the forget kernels' traces (the direct path pads the removed
     # set to powers of two, so it may compile O(log requests) times; the count is reported either way).
-    traces_before = _forget_traces(ml)
     choice = ml.choose_solver(state.core)
     meta["solver_choice"] = choice.to_json()
     if choice.path.startswith("direct"):
-        factor = ml.direct_factor(state)
+        factor = ml.direct_factor(state)  # on a resume this is where it is built (and its kernels compiled)
         meta["direct_factor_seconds"] = factor.build_seconds
         meta["direct_inverse_seconds"] = factor.inverse_seconds
+    traces_before = _forget_traces(ml)
 
     # ------------------------------------------------------------------ the request stream
     eta = progress.Eta(len(plan), "requests", done=step)
