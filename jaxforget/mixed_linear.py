@@ -504,9 +504,9 @@ class MixedLinear:
 
         Primal: ``A = Σ_i J_iᵀJ_i + λI`` from per-example Jacobians, summed data-parallel.
         Dual: ``G = JJᵀ + λI`` built a block of columns at a time (``J J_Aᵀ`` by vmapped JVPs over the
-        data, never ``J`` for the whole set). ``λ = n·μ``. No inverse is formed: requests use triangular
-        solves (``2m²`` flops per column), which is cheaper than an explicit inverse (``~2m³``) for any
-        stream of fewer than ``m / (K·request size)`` requests.
+        data, never ``J`` for the whole set). ``λ = n·μ``. Requests use triangular solves against the factor
+        (``2m²`` flops per removed row), unless ``config.direct_inverse`` makes the dual path hold ``M⁻¹``
+        explicitly (``~2m³/3`` more flops once, then a gather per row; see :meth:`_wants_inverse`).
 
         Raises:
           DirectSolveError: the matrix is not numerically positive definite.
