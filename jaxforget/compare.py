@@ -218,8 +218,8 @@ def _oracle_entry(ml, state_r, sets, cfg, seed, n_models) -> tuple[oracle.Oracle
 
     def train_fn():
         start = time.perf_counter()
-        w_star, info = ml.solve(state_r, dtype=jnp.float64, tol=cfg.eval.oracle_tol, maxiter=cfg.eval.oracle_maxiter,
-                                on_fail="warn")
+        w_star, info = ml.reference_solve(state_r, tol=cfg.eval.oracle_tol, maxiter=cfg.eval.oracle_maxiter,
+                                          on_fail="warn")
         seconds = time.perf_counter() - start
         w32 = kernels.tree_cast(w_star, jnp.float32)
         pop = _population_logits(ml, state_r, w32, cfg.method.sigma, jax.random.key(10_000 + seed), 2 * n_models,
@@ -230,8 +230,8 @@ def _oracle_entry(ml, state_r, sets, cfg, seed, n_models) -> tuple[oracle.Oracle
         return oracle.OracleEntry(
             params={"w_star": np.broadcast_to(flat, (2 * n_models, flat.size)).copy()},
             logits=pop, accuracies=accs, train_seconds=np.full(2 * n_models, seconds),
-            meta={"cg_iterations": int(info.iterations), "rel_residual": float(info.rel_residual),
-                  "converged": bool(info.converged)},
+            meta={"route": info["route"], "cg_iterations": info["iterations"], "rel_residual": info["rel_residual"],
+                  "converged": info["converged"]},
         )
 
     return cache.get_or_train(key, 2 * n_models, train_fn)
