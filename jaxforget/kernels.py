@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from jaxforget import errors
@@ -609,6 +610,29 @@ def spd_cholesky(matrix: Array) -> Array:
 def cholesky_solve(chol: Array, rhs: Array) -> Array:
     """``(LLᵀ)⁻¹ rhs`` for ``rhs: [m]`` or ``[m, k]`` by two triangular solves (``2m²k`` flops)."""
     return jax.scipy.linalg.cho_solve((chol, True), rhs)
+
+
+def cholesky_inverse(chol: Array) -> Array:
+    r"""The explicit inverse :math:`(LL^\top)^{-1}` of an SPD matrix from its lower Cholesky factor ``L``.
+
+    On CPU LAPACK's ``potri`` (``~2m³/3`` flops, in place on a host copy); elsewhere two triangular solves
+    against the identity (``2m³`` flops, but at accelerator speed and without a host round trip).
+
+    Raises:
+      DirectSolveError: LAPACK reports a singular factor.
+
+    Examples:
+      >>> cholesky_inverse(jnp.array([[2.0, 0.0], [1.0, 1.0]])).tolist()  # L Lᵀ = [[4, 2], [2, 2]]
+      [[0.5, -0.5], [-0.5, 1.0]]
+    """
+    if jax.default_backend() != "cpu":
+        return cholesky_solve(chol, jnp.eye(chol.shape[0], dtype=chol.dtype))
+    from scipy.linalg import lapack  # pylint: disable=import-outside-toplevel
+
+    inv, info = lapack.dpotri(np.array(chol, np.float64, order="F"), lower=1, overwrite_c=1)
+    if info != 0:
+        raise errors.DirectSolveError(f"LAPACK potri failed (info={info}) on a {inv.shape[0]}² Cholesky factor.")
+    return jnp.asarray(np.tril(inv) + np.tril(inv, -1).T)  # potri fills the lower triangle only
 
 
 def dual_remove_rows(cols: Array, a_full: Array, rhs_rows: Array, rows: Array, valid: Array) -> Array:

@@ -234,3 +234,15 @@ def test_nystrom_sketch_recovers_a_low_rank_operator_and_preconditions_cg():
         np.testing.assert_allclose(join(x_pre), exact, rtol=1e-7)
         np.testing.assert_allclose(join(x_plain), exact, rtol=1e-7)
         assert int(pre.iterations) * 3 < int(plain.iterations)
+
+
+def test_cholesky_inverse_matches_a_dense_inverse_and_names_a_singular_factor():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(7, 7))
+    spd = a @ a.T + 7 * np.eye(7)
+    with compat.enable_x64():
+        inv = np.asarray(kernels.cholesky_inverse(jnp.asarray(np.linalg.cholesky(spd))))
+    np.testing.assert_allclose(inv, np.linalg.inv(spd), rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(inv, inv.T)
+    with pytest.raises(errors.DirectSolveError, match="potri failed"):
+        kernels.cholesky_inverse(jnp.array([[1.0, 0.0], [1.0, 0.0]]))
