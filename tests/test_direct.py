@@ -273,6 +273,14 @@ def test_refined_cg_reaches_float64_accuracy_that_float32_cg_cannot(problem):
     assert np.linalg.norm(ravel64(state.w_u) - expected) <= 1e-6 * np.linalg.norm(expected)
     with pytest.raises(errors.ConfigError, match="cg_precision"):
         mixed_linear.MixedLinear(refined.model, splits, small_config(solver="cg", cg_precision="float16"))
+    # One correction cannot reach 1e-12: a clear error, and the given state is untouched.
+    short = mixed_linear.MixedLinear(
+        refined.model, splits, small_config(solver="cg", tol=1e-12, maxiter=4000, cg_precision="refined", cg_refine=1),
+        mesh=mesh.make_mesh(1))
+    before = jax.tree.map(lambda a: np.array(a, copy=True), states["dual"])
+    with pytest.raises(errors.CGNotConvergedError, match="refined Newton-CG.*after 1 corrections"):
+        short.forget(states["dual"], ids)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, states["dual"]), before)
 
 
 def test_auto_takes_the_explicit_inverse_on_cpu_only_for_a_long_planned_stream(problem):
