@@ -7,7 +7,8 @@ Command:
 
 Workloads (each a full forget job, see configs/mixed_linear_digits.py): digits with the head linearized, with and
 without the Nyström preconditioner; digits with every layer linearized (κ ≈ 1e6): the dual direct path with an
-explicit inverse, and Nyström-PCG with mixed-precision refinement; a synthetic CIFAR-shaped workload (32×32×3
+explicit inverse, and Nyström-PCG with mixed-precision refinement (at tol 1e-5, and at 1e-2, where its error
+meets the issue's 1e-3); a synthetic CIFAR-shaped workload (32×32×3
 images, CNN). Runtime on 2 CPU cores: ~30 minutes (quick: ~1 minute);
 on a GPU raise `synthetic_n`. Results: <workdir>/benchmark.json and one report.json per workload.
 """
@@ -30,6 +31,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         job.method.solver = solver
         job.method.preconditioner = preconditioner
         job.method.on_fail = "warn"  # a benchmark records non-convergence instead of stopping
+        # The issue's targets are stated against a plain-CG retrain to the forget's error (cg_to_error).
+        job.eval.baselines = ("cg_retrain", "cg_to_error", "sgd_retrain")
+        # Full-pass kernels over 2 batches of 768 instead of 6 of 256: ~2x faster float64 passes on a CPU
+        # (the forget and the CG baselines share these kernels; the SGD retrain keeps the paper's batch of 128).
+        job.method.batch_size = 768
         return job
 
     if arg.quick:
@@ -43,8 +49,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         jobs["digits_head_cg"] = digits("head", "cg", "none", arg.requests)
         jobs["digits_head_cg_nystrom"] = digits("head", "cg", "nystrom", arg.requests)
         jobs["digits_head_cg_nystrom"].method.nystrom_rank = 400
-        for solver, pre in (("auto", "none"), ("cg", "nystrom")) if arg.full else ():
+        full = {"digits_full_direct": ("auto", "none", None), "digits_full_cg_nystrom": ("cg", "nystrom", None),
+                # The issue's targets are set at 1e-3 from the exact retrain: a residual tol of 1e-2 (one refined
+                # correction) stops there instead of at ~1e-8 (the error reached is measured per request).
+                "digits_full_cg_nystrom_loose": ("cg", "nystrom", 1e-2)}
+        for name, (solver, pre, tol) in full.items() if arg.full else ():
             job = digits("all", solver, pre, arg.full_requests)
+            if tol is not None:
+                job.method.tol = tol
             # float32 CG stalls near a relative residual of 1e-3 at κ ≈ 1e6 (recorded as not converged): a
             # bounded budget keeps the run finite; the CG-retrain baseline shares it.
             job.method.maxiter = 5000
@@ -55,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # build on CPU, so "auto" would take triangular solves: the build is reported apart and amortised).
             job.method.cg_precision = "refined"
             job.method.direct_inverse = "always"
-            jobs[f"digits_full_{'direct' if solver == 'auto' else 'cg_nystrom'}"] = job
+            jobs[name] = job
         for solver, pre in (("auto", "none"), ("cg", "nystrom")):
             syn = digits("head", solver, pre, arg.full_requests)
             syn.data = ml_collections.ConfigDict(dict(name="synthetic", seed=0, n=arg.synthetic_n,
@@ -63,6 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                       core_fraction=0.3))
             syn.model = ml_collections.ConfigDict(dict(name="cnn", channels=(16, 32), hidden=64, num_classes=10))
             syn.method.core.epochs = 15
+            syn.method.batch_size = 1024  # the whole (800-sample) training set in one batch
             syn.method.nystrom_rank = 200
             syn.requests.fraction = 0.02
             jobs[f"synthetic_cifar_cnn_{'direct' if solver == 'auto' else 'cg_nystrom'}"] = syn

@@ -21,7 +21,12 @@ def test_quick_benchmark_writes_consistent_json(tmp_path):
     for r in w["per_request"]:
         assert r["forget_rel_error"] <= 1e-3 and r["influence_left"] <= 0.05
         assert r["forget_passes"] == r["forget_cg_iterations"] + 2
-        assert set(r["retrain"]) == {"cg_retrain", "sgd_retrain"}
+        assert set(r["retrain"]) == {"cg_retrain", "cg_to_error", "sgd_retrain"}
+        # Plain float64 CG from zero, stopped at the forget's error (at least the target's 1e-3), got there.
+        to_error = r["retrain"]["cg_to_error"]
+        assert to_error["target_rel_error"] == pytest.approx(max(r["forget_rel_error"], 1e-3))
+        assert to_error["converged"] and to_error["rel_error"] <= to_error["target_rel_error"]
+        assert to_error["passes"] == to_error["iterations"] + 2 and to_error["iterations"] > 0
         sgd = r["retrain"]["sgd_retrain"]
         assert sgd["passes"] == 10 and 0 < sgd["rel_error"] < float("inf")
         assert r["forget_over_retrain_time"]["sgd_retrain"] == pytest.approx(
@@ -29,7 +34,8 @@ def test_quick_benchmark_writes_consistent_json(tmp_path):
         )
     k = w["kernels"]
     assert k["gn_matvec_over_forward_backward"] == pytest.approx(k["gn_matvec_seconds"] / k["forward_backward_seconds"])
-    assert "| digits_head |" in benchmark.markdown(out)
+    table = benchmark.markdown(out)
+    assert "| digits_head |" in table and "| digits_head | cg |" in table  # the workload and the targets rows
     cross = out["crossover"]
     assert [r["width"] for r in cross["rows"]] == [16, 32]
     for r in cross["rows"]:
@@ -41,4 +47,4 @@ def test_quick_benchmark_writes_consistent_json(tmp_path):
     assert ev["n_models"] == 16 and ev["max_abs_epsilon_difference"] <= 1e-9
     ratio = ev["challenge_score_seconds"] / ev["median_forget_seconds"]
     assert ev["challenge_score_over_forget"] == pytest.approx(ratio)
-    assert w["solver_memory_bytes"] == {"factor": 0, "removal_columns": 0, "preconditioner": 0}  # plain CG
+    assert w["solver_memory_bytes"] == {"factor": 0, "removal": 0, "preconditioner": 0}  # plain CG

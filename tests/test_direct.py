@@ -39,16 +39,20 @@ def test_dual_and_primal_removal_equal_a_dense_solve_of_the_reduced_problem(rows
         # Padding: two extra (invalid) slots pointing at arbitrary rows change nothing.
         padded = np.concatenate([removed, [0, 5]])
         valid = np.array([True] * len(removed) + [False, False])
-        cols = kernels.cholesky_solve(chol, jnp.eye(rows, dtype=jnp.float64)[:, padded])
-        alpha = kernels.dual_remove_rows(cols, kernels.cholesky_solve(chol, t), t[padded], jnp.asarray(padded),
+        inv_rows = kernels.cholesky_solve(chol, jnp.eye(rows, dtype=jnp.float64)[:, padded]).T
+        alpha = kernels.dual_remove_rows(inv_rows, kernels.cholesky_solve(chol, t), t[padded], jnp.asarray(padded),
                                          jnp.asarray(valid))
         np.testing.assert_allclose(np.asarray(alpha)[removed], 0.0, atol=1e-12)
         w_dual = jac.T @ np.asarray(alpha)
-        a_chol = kernels.spd_cholesky(jnp.asarray(jac.T @ jac + lam * np.eye(params)))
-        w_all = kernels.cholesky_solve(a_chol, jnp.asarray(jac.T @ targets))
+        a_inv = kernels.cholesky_inverse(kernels.spd_cholesky(jnp.asarray(jac.T @ jac + lam * np.eye(params))))
         rows_f = np.vstack([jac[removed], np.zeros((2, params))])
         t_f = np.concatenate([targets[removed], [0.0, 0.0]])
-        w_primal = np.asarray(kernels.primal_remove_rows(a_chol, w_all, jnp.asarray(rows_f), jnp.asarray(t_f)))
+        inv_r, rhs_r = kernels.primal_remove_rows(a_inv, jnp.asarray(jac.T @ targets), jnp.asarray(rows_f),
+                                                  jnp.asarray(t_f))
+        w_primal = np.asarray(inv_r @ rhs_r)
+        keep = np.setdiff1d(np.arange(rows), removed)
+        np.testing.assert_allclose(np.asarray(inv_r), np.linalg.inv(jac[keep].T @ jac[keep] + lam * np.eye(params)),
+                                   rtol=1e-8, atol=1e-12)
     assert np.linalg.norm(w_dual - expected) <= 1e-10 * np.linalg.norm(expected)
     assert np.linalg.norm(w_primal - expected) <= 1e-10 * np.linalg.norm(expected)
     # Against lstsq of the stacked system [J_r; √λ I] w = [t_r; 0] as well.
@@ -68,13 +72,30 @@ def test_a_sequence_of_downdates_equals_refactoring_the_reduced_gram_matrix():
         removed = np.array([], np.int64)
         for request in ([4, 5], [30], [11, 12, 13, 50]):
             removed = np.concatenate([removed, request])
-            cols = kernels.cholesky_solve(chol, jnp.eye(60, dtype=jnp.float64)[:, removed])
-            alpha = kernels.dual_remove_rows(cols, a_full, t[removed], jnp.asarray(removed),
+            inv_rows = kernels.cholesky_solve(chol, jnp.eye(60, dtype=jnp.float64)[:, removed]).T
+            alpha = kernels.dual_remove_rows(inv_rows, a_full, t[removed], jnp.asarray(removed),
                                              jnp.ones(len(removed), bool))
             keep = np.setdiff1d(np.arange(60), removed)
             g_r = jac[keep] @ jac[keep].T + lam * np.eye(len(keep))
             refactored = np.linalg.solve(g_r, targets[keep])  # a fresh factorisation of the reduced Gram
             np.testing.assert_allclose(np.asarray(alpha)[keep], refactored, rtol=1e-8, atol=1e-10)
+
+
+def test_a_sequence_of_primal_inverse_updates_equals_inverting_the_reduced_system():
+    rng = np.random.default_rng(2)
+    jac, targets, lam = random_problem(rng, 60, 12, lam=1e-2)
+    with compat.enable_x64():
+        inv = kernels.cholesky_inverse(kernels.spd_cholesky(jnp.asarray(jac.T @ jac + lam * np.eye(12))))
+        rhs = jnp.asarray(jac.T @ targets)
+        removed = np.array([], np.int64)
+        for request in ([4, 5], [30], list(range(31, 50))):  # the last request has more rows than P: P×P form
+            removed = np.concatenate([removed, request])
+            inv, rhs = kernels.primal_remove_rows(inv, rhs, jnp.asarray(jac[request]), jnp.asarray(targets[request]))
+            keep = np.setdiff1d(np.arange(60), removed)
+            reduced = jac[keep].T @ jac[keep] + lam * np.eye(12)
+            np.testing.assert_allclose(np.asarray(inv), np.linalg.inv(reduced), rtol=1e-8, atol=1e-12)
+            np.testing.assert_allclose(np.asarray(inv @ rhs), np.linalg.solve(reduced, jac[keep].T @ targets[keep]),
+                                       rtol=1e-8)
 
 
 def test_per_example_jacobian_and_jacobian_times_match_jacfwd():
