@@ -274,14 +274,11 @@ def markdown(out: dict) -> str:
         speed = statistics.median(1.0 / r["forget_over_retrain_time"]["cg_to_error"] for r in reqs)
         reached = sum(r["retrain"]["cg_to_error"]["converged"] for r in reqs)
 
-        def mark(ok):
-            return "✓" if ok else "✗"
-
         bound = "" if reached == len(reqs) else "≥ "
-        sgd_cell = f"{statistics.median(sgd):.2f} {mark(statistics.median(sgd) <= 0.2)}" if sgd else "—"
+        sgd_cell = f"{statistics.median(sgd):.2f} {_mark(statistics.median(sgd) <= 0.2)}" if sgd else "—"
         lines.append(
-            f"| {name} | {w.get('solver', 'cg')} | {err:.1e} {mark(err <= 1e-3)} | {sgd_cell} "
-            f"| {bound}{passes:.3g} {mark(passes >= 10)} | {bound}{speed:.3g} {mark(speed >= 5)} "
+            f"| {name} | {w.get('solver', 'cg')} | {err:.1e} {_mark(err <= 1e-3)} | {sgd_cell} "
+            f"| {bound}{passes:.3g} {_mark(passes >= 10)} | {bound}{speed:.3g} {_mark(speed >= 5)} "
             f"| {reached}/{len(reqs)}" + ("" if reached == len(reqs) else " (budget)") + " |"
         )
     cross = out.get("crossover")
@@ -312,6 +309,11 @@ def markdown(out: dict) -> str:
                       f"per-example loop (max |Δε| {ev['max_abs_epsilon_difference']:.1e}) and takes "
                       f"{ev['challenge_score_over_forget']:.1f}× the median forget request it would evaluate."]
     return "\n".join(lines)
+
+
+def _mark(ok: bool) -> str:
+    """✓ / ✗ for a target met or missed."""
+    return "✓" if ok else "✗"
 
 
 def _mebibytes(memory: dict | None) -> str:

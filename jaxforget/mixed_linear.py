@@ -689,8 +689,9 @@ class MixedLinear:
         }
 
     def reserve_capacity(self, num_removed: int) -> None:
-        """Pads the direct path's removed set to at least ``num_removed`` samples, so that a planned stream of
-        requests (e.g. the forget job's) compiles once instead of once per power of two."""
+        """Sizes the dual path's removal buffer for ``num_removed`` samples, so that a planned stream of
+        requests (e.g. the forget job's) compiles once instead of once per power of two; the planned size
+        also decides whether ``direct_inverse="auto"`` holds ``M⁻¹`` (the primal path needs no capacity)."""
         self.direct_capacity = int(num_removed)
 
     def _direct_solve(
@@ -707,12 +708,6 @@ class MixedLinear:
         """
         factor = self.direct_factor(state)
         removed = np.flatnonzero(~ledger.retain_mask(removed_by))
-        # Dual: padded to the reserved capacity (one compilation for a planned stream), beyond it to a power of
-        # two (at least 16 samples): an unplanned stream compiles O(log) times.
-        reserved = getattr(self, "direct_capacity", 0)
-        capacity = max(16, reserved if len(removed) <= reserved else 1 << int(np.ceil(np.log2(len(removed)))))
-        padded = np.zeros(capacity, np.int64)
-        padded[: len(removed)] = removed
         k, dtype = self.num_classes, jnp.float64
         # The normaliser ‖g_r(w_old)‖ is the request's own gradient, far above float32 rounding: a float32 pass
         # gives it to ~1e-6 relative (a float64 pass costs 2-3x more on CPU). The residual at w is float64.
@@ -726,8 +721,12 @@ class MixedLinear:
             mu = self.config.mu
             _, unravel = kernels.tree_ravel_with_unravel(lin)
             if factor.space == "dual":
-                rows = (padded[:, None] * k + np.arange(k)).reshape(-1)
-                inv_rows, slots, slot_valid = self._removal_buffer(factor, rows[: len(removed) * k], rows.size)
+                # The buffer is as wide as the reserved capacity (one compilation for a planned stream), beyond
+                # it a power of two (at least 16 samples): an unplanned stream compiles O(log) times.
+                reserved = getattr(self, "direct_capacity", 0)
+                capacity = max(16, reserved if len(removed) <= reserved else 1 << int(np.ceil(np.log2(len(removed)))))
+                rows = (removed[:, None] * k + np.arange(k)).reshape(-1)
+                inv_rows, slots, slot_valid = self._removal_buffer(factor, rows, capacity * k)
                 # Every argument replicated on the mesh: a different input sharding would silently recompile.
                 rows_j, row_valid = self._replicated((jnp.asarray(slots), jnp.asarray(slot_valid)))
                 alpha = self._dual_remove(inv_rows, factor.solution, self._replicated(factor.targets[rows_j]), rows_j,
@@ -773,14 +772,15 @@ class MixedLinear:
         new = np.setdiff1d(removed, done)
         self._primal_inv = (np.zeros(0, np.int64), None, None)  # the inverse is donated to the updates below
         w = None
-        train_set, k = self.splits.train, self.num_classes
+        train_set = self.splits.train
+        x_new = np.asarray(train_set.x, np.float64)[new]
+        t_new = self.config.target_scale * np.eye(self.num_classes, dtype=np.float64)[train_set.y[new]]
         for lo in range(0, new.size, _PRIMAL_BLOCK):
-            block = new[lo : lo + _PRIMAL_BLOCK]
-            padded = np.zeros(_PRIMAL_BLOCK, np.int64)
-            padded[: block.size] = block
-            x_f = jnp.asarray(np.asarray(train_set.x, np.float64)[padded])
-            t_f = jnp.asarray(self.config.target_scale * np.eye(k, dtype=np.float64)[train_set.y[padded]])
-            x_f, t_f, valid = self._replicated((x_f, t_f, jnp.asarray(np.arange(_PRIMAL_BLOCK) < block.size)))
+            block = slice(lo, min(lo + _PRIMAL_BLOCK, new.size))
+            pad = _PRIMAL_BLOCK - (block.stop - block.start)  # the last block's padding repeats a row, masked out
+            x_f = jnp.asarray(np.pad(x_new[block], [(0, pad)] + [(0, 0)] * (x_new.ndim - 1), mode="edge"))
+            t_f = jnp.asarray(np.pad(t_new[block], [(0, pad), (0, 0)], mode="edge"))
+            x_f, t_f, valid = self._replicated((x_f, t_f, jnp.asarray(np.arange(_PRIMAL_BLOCK) < _PRIMAL_BLOCK - pad)))
             inv, rhs, w = self._primal_remove(lin, fix, inv, rhs, x_f, t_f, valid)
         if w is None:
             w = self._inverse_times(inv, rhs)
