@@ -24,6 +24,9 @@ setuptools.setup(
         "absl-py>=2.1.0",
         "numpy>=1.26",
         "scikit-learn>=1.4",
+        # Sets the host BLAS thread count while XLA computes on the same cores (compat.host_blas_threads).
+        "threadpoolctl>=3.1",
+        "scipy>=1.11",
         "matplotlib>=3.8",
         "tqdm>=4.66",
     ],

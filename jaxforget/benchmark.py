@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxforget import experiment, kernels, report, train
+from jaxforget import compat, experiment, kernels, report, train
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -138,6 +138,7 @@ def crossover_sweep(job: ml_collections.ConfigDict, widths, *, requests: int = 3
     return {"requests": requests, "rows": rows, "crossover_num_params": cross}
 
 
+@compat.host_blas_threads(1)  # see compat.host_blas_threads: XLA keeps the cores while timing
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs every workload of ``config.workloads`` and writes ``workdir/benchmark.json``."""
     os.makedirs(workdir, exist_ok=True)

@@ -49,8 +49,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxforget import compat, distributional, evaluate, kernels, ledger, mia, oracle, progress, report
 from jaxforget import data as data_lib
-from jaxforget import distributional, evaluate, kernels, ledger, mia, oracle, progress, report
 from jaxforget import experiment as experiment_lib
 from jaxforget import mesh as mesh_lib
 from jaxforget import mixed_linear as ml_lib
@@ -501,6 +501,7 @@ _CONVENTIONS = {
 }
 
 
+@compat.host_blas_threads(1)  # see compat.host_blas_threads: XLA keeps the cores while timing
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs every registered method (``config.methods``, default all) on ``config.seeds``; writes the report."""
     os.makedirs(workdir, exist_ok=True)

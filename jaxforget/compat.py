@@ -3,7 +3,7 @@
 Everything version-dependent lives here so that the rest of the library reads like today's JAX:
 ``jax.shard_map`` (formerly ``jax.experimental.shard_map``), marking a replicated value as varying
 inside ``shard_map`` (``jax.lax.pcast``, formerly ``pvary``), the float64 context and the CPU
-device count for tests.
+device count for tests, and the thread count of the host BLAS that numpy and jaxlib's CPU LAPACK calls use.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 
 import jax
+import threadpoolctl
 
 try:  # jax >= 0.6
     shard_map = jax.shard_map
@@ -66,3 +67,27 @@ def auto_axis_types(n_axes: int):
     if axis_type is None:  # pragma: no cover - older jax
         return None
     return (axis_type.Auto,) * n_axes
+
+
+_blas_controller: threadpoolctl.ThreadpoolController | None = None
+
+
+@contextlib.contextmanager
+def host_blas_threads(limit: int | None = 1) -> Iterator[None]:
+    """Context (or decorator) in which the host BLAS libraries run ``limit`` threads (``None``: one per core).
+
+    Both OpenBLAS copies a process holds are covered: numpy's, and SciPy's, which jaxlib's CPU LAPACK
+    kernels (Cholesky, LU, triangular solves inside jitted code) call. OpenBLAS worker threads spin for a
+    while after every call, on the very cores XLA's CPU thread pool computes on: measured on 2 CPU cores, a
+    dual forget request on full digits took ~32 ms with them and ~16 ms on one BLAS thread. So requests,
+    and the jobs that time them, run host BLAS on one thread (its work per request is small), while the
+    one-off factorisations ask for every core. OpenBLAS reads the count when a call runs, so a computation
+    dispatched inside the context must finish inside it.
+    """
+    global _blas_controller
+    if _blas_controller is None:
+        import scipy.linalg.cython_lapack  # noqa: F401  (loads SciPy's OpenBLAS, which jaxlib's LAPACK uses)
+
+        _blas_controller = threadpoolctl.ThreadpoolController()
+    with _blas_controller.limit(limits=limit if limit is not None else os.cpu_count(), user_api="blas"):
+        yield

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxforget import checkpoint, evaluate, kernels, ledger, mesh, models, progress, report
+from jaxforget import checkpoint, compat, evaluate, kernels, ledger, mesh, models, progress, report
 from jaxforget import data as data_lib
 from jaxforget import mixed_linear as ml_lib
 
@@ -107,6 +107,7 @@ def restore_latest_state(ml: ml_lib.MixedLinear, workdir: str) -> ml_lib.MixedLi
     return state
 
 
+@compat.host_blas_threads(1)  # see compat.host_blas_threads: XLA keeps the cores while timing
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the whole job and returns the report (also written to ``workdir/report.json``)."""
     os.makedirs(workdir, exist_ok=True)
@@ -262,7 +263,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _forget_traces(ml: ml_lib.MixedLinear) -> int:
     """Compiled variants of every kernel a forget request runs."""
     kernels_ = (ml._newton_step, ml._hessian_solve, ml._dual_remove, ml._primal_remove, ml._cholesky_solve,
-                ml._dual_weights, ml._gather_rows, ml._write_rows)
+                ml._dual_request, ml._dual_check, ml._gather_rows, ml._write_rows)
     return sum(k._cache_size() for k in kernels_)
 
 

@@ -648,7 +648,8 @@ def cholesky_inverse(chol: Array) -> Array:
     return jnp.asarray(np.tril(inv) + np.tril(inv, -1).T)  # potri fills the lower triangle only
 
 
-def dual_remove_rows(inv_rows: Array, a_full: Array, rhs_rows: Array, rows: Array, valid: Array) -> Array:
+def dual_remove_rows(inv_rows: Array, a_full: Array, rhs_rows: Array, rows: Array, valid: Array,
+                     num_valid: Array | None = None, *, chunk: int = 64) -> Array:
     r"""Solution of a linear system after deleting rows and columns ``F``, by the Schur complement.
 
     For an SPD ``M`` (the dual matrix :math:`JJ^\top + \lambda I` over all rows) and a right-hand side
@@ -668,6 +669,10 @@ def dual_remove_rows(inv_rows: Array, a_full: Array, rhs_rows: Array, rows: Arra
       rhs_rows: ``[F]`` :math:`t_F`.
       rows: ``[F]`` int indices of the removed rows (padding entries in range).
       valid: ``[F]`` bool, ``False`` on padding (a padded slot is an identity block: it changes nothing).
+      num_valid: optional int scalar: the valid slots are the first ``num_valid`` (a buffer sized for a whole
+        stream of requests); the ``[F, N]`` product then reads only those rows, ``chunk`` at a time, so that
+        a request costs in proportion to the rows removed so far, not to the buffer's width.
+      chunk: rows per step of that product.
 
     Returns:
       ``[N]`` the reduced solution, zero on ``F``.
@@ -686,7 +691,21 @@ def dual_remove_rows(inv_rows: Array, a_full: Array, rhs_rows: Array, rows: Arra
     rhs_f = rhs_rows * keep
     a_f = (a_full[rows] - jnp.matmul(block, rhs_f, precision=HIGHEST)) * keep
     coef = jnp.linalg.solve(block + jnp.diag(1.0 - keep), a_f)
-    return a_full - jnp.matmul((rhs_f + coef) * keep, inv_rows, precision=HIGHEST)
+    coef = (rhs_f + coef) * keep
+    if num_valid is None:
+        return a_full - jnp.matmul(coef, inv_rows, precision=HIGHEST)
+    width = inv_rows.shape[0]
+    size = min(chunk, width)
+
+    def step(i, acc):
+        lo = i * size
+        start = jnp.minimum(lo, width - size)  # the last chunk is shifted back in range; its overlap is masked
+        fresh = (start + jnp.arange(size, dtype=start.dtype) >= lo).astype(coef.dtype)
+        part = jax.lax.dynamic_slice_in_dim(coef, start, size) * fresh
+        rows_i = jax.lax.dynamic_slice_in_dim(inv_rows, start, size, axis=0)
+        return acc + jnp.matmul(part, rows_i, precision=HIGHEST)
+
+    return a_full - jax.lax.fori_loop(0, (num_valid + size - 1) // size, step, jnp.zeros_like(a_full))
 
 
 def primal_remove_rows(inv: Array, rhs: Array, jac_rows: Array, target_rows: Array) -> tuple[Array, Array]:

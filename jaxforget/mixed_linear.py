@@ -278,13 +278,13 @@ class MixedLinear:
         self._x, self._t = mesh_lib.shard_rows((train_set.x, targets), self.mesh, self.batch_size)
         self.num_padded = int(self._x.shape[0])
         self._data64 = None
-        # (slot rows, filled slots, [width, N] M⁻¹ rows) of the current factor: see _removal_buffer.
-        self._dual_cols: tuple = (np.zeros(0, np.int64), 0, None)
+        # (slot rows, filled slots, [width, N] M⁻¹ rows) of the current factor: see _removal_buffer; and
         # (removed sample positions, A_R⁻¹, b_R) of the primal path: see _primal_removal.
-        self._primal_inv: tuple = (np.zeros(0, np.int64), None, None)
+        self.clear_removal_cache()
         self._pre_cache: dict = {}
         self._direct_cache: dict = {}
         self._choice_cache: dict = {}
+        self._split_cache: dict = {}
         self.preconditioner_seconds = 0.0  # build time of the last preconditioner (reported separately)
         self._build_kernels()
 
@@ -293,11 +293,25 @@ class MixedLinear:
     # ----------------------------------------------------------------------------------------------
 
     def split(self, core: PyTree) -> tuple[PyTree, PyTree]:
-        """``(lin, fix)``: the linearized parameter subtree and everything else (incl. batch_stats)."""
-        predicate = models.linearize_predicate(core["params"], self.config.linearize)
-        lin, fix_params = kernels.split_params(core["params"], predicate)
-        fix = {"params": fix_params, **{k: v for k, v in core.items() if k != "params"}}
-        return self._replicated((lin, fix))
+        """``(lin, fix)``: the linearized parameter subtree and everything else (incl. batch_stats), replicated
+        on the mesh (cached for the last core: a request would otherwise pay a transfer per leaf)."""
+        if self._split_cache.get("core") is not core:  # held by reference, as the direct factor is
+            predicate = models.linearize_predicate(core["params"], self.config.linearize)
+            lin, fix_params = kernels.split_params(core["params"], predicate)
+            fix = {"params": fix_params, **{k: v for k, v in core.items() if k != "params"}}
+            self._split_cache = {"core": core, "native": self._replicated((lin, fix))}
+        return self._split_cache["native"]
+
+    def _split_as(self, core: PyTree, dtype) -> tuple[PyTree, PyTree]:
+        """:meth:`split` cast to ``dtype`` (float64 needs x64 enabled), cached for the last core as well."""
+        lin_fix = self.split(core)
+        name = jnp.dtype(dtype).name
+        if name not in self._split_cache:
+            cast = self._replicated(kernels.tree_cast(lin_fix, dtype))
+            if any(jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype for a in jax.tree.leaves(cast)):
+                return cast  # x64 is off: float64 was silently narrowed, not worth keeping
+            self._split_cache[name] = cast
+        return self._split_cache[name]
 
     def _replicated(self, tree: PyTree) -> PyTree:
         """Places arguments replicated on the mesh: the same sharding every call, so jit never retraces."""
@@ -394,6 +408,33 @@ class MixedLinear:
             coef = alpha.reshape(-1, self.num_classes)
             return jt_sum((lin, fix), (x, jnp.pad(coef, ((0, x.shape[0] - coef.shape[0]), (0, 0)))))
 
+        def dual_check(lin, fix, x, alpha, targets, retained, ridge, count, lin32, fix32, x32):
+            """``w = J_Rᵀα``, the dual residual ``r = t − J w − λα`` (zero off the retained rows) and
+            ``‖g_r(w)‖`` from the identity ``g_r(J_Rᵀα) = −(1/n) J_Rᵀ r`` (fixed ridge ``λ = n·μ``).
+
+            ``w`` and ``r`` are float64; the map ``J_Rᵀ r`` of the (already small) residual runs in float32,
+            which gives ``‖g_r‖`` to ~1e-6 relative at ~half the cost of a float64 gradient pass.
+            """
+            alpha = alpha * retained  # exactly J_Rᵀα: the removal leaves rounding-level values on F
+            w = dual_weights(lin, fix, x, alpha)
+            jw = j_apply(lin, fix, x, w)[: self.num_train].reshape(-1)
+            r = (targets - jw - ridge * alpha) * retained
+            g = dual_weights(lin32, fix32, x32, r.astype(x32.dtype))
+            return alpha, w, r, kernels.tree_norm(g).astype(count.dtype) / count
+
+        def dual_request(inv_rows, solution, targets, rows, valid, num_valid, retained, ridge, count, lin, fix, x,
+                         lin32, fix32, x32, t32, c32, w_old, mu):
+            """A dual forget request on device in one call: the removal of ``rows`` (:func:`kernels.dual_remove_rows`),
+            its check (``dual_check``) and the normaliser ``‖g_r(w_old)‖`` (a float32 gradient pass).
+
+            Returns:
+              ``(α_R, w, r, ‖g_r(w)‖, ‖g_r(w_old)‖)``.
+            """
+            alpha = kernels.dual_remove_rows(inv_rows, solution, targets[rows], rows, valid, num_valid)
+            g_old, _ = gradient(lin32, fix32, w_old, x32, t32, c32, count.astype(x32.dtype), mu)
+            return *dual_check(lin, fix, x, alpha, targets, retained, ridge, count, lin32, fix32, x32), \
+                kernels.tree_norm(g_old)
+
         def spd_cholesky(gram, ridge):
             return kernels.spd_cholesky(gram + ridge * jnp.eye(gram.shape[0], dtype=gram.dtype))
 
@@ -417,6 +458,8 @@ class MixedLinear:
         self._dual_targets = jax.jit(_highest(dual_targets))
         jt_sum = mesh_lib.data_parallel_sum(jt_batch, self.mesh, bs)
         self._dual_weights = jax.jit(_highest(dual_weights))
+        self._dual_check = jax.jit(_highest(dual_check))
+        self._dual_request = jax.jit(_highest(dual_request))
         self._spd_cholesky = jax.jit(_highest(spd_cholesky))
         self._cholesky_solve = jax.jit(_highest(kernels.cholesky_solve))
         # The reference solve (oracle) compiles its own copies: its reduced sizes change with every request, and
@@ -464,7 +507,7 @@ class MixedLinear:
         cache_key = jnp.dtype(dtype).name
         if cache_key not in self._pre_cache:
             c = self._row_weights(np.isin(self.train_ids, self.core_ids), dtype)
-            lin, fix = self._replicated(kernels.tree_cast(self.split(state.core), dtype))
+            lin, fix = self._split_as(state.core, dtype)
             x, _ = self._device_data(dtype)
             start = time.perf_counter()
             pre = self._nystrom(lin, fix, x, c, jax.random.key(0), int(self.config.nystrom_rank))
@@ -541,8 +584,8 @@ class MixedLinear:
             space = "primal" if choice.num_params <= choice.num_rows else "dual"
         ridge = float(self.config.mu) * self.num_train
         start = time.perf_counter()
-        with compat.enable_x64():
-            lin, fix = self._replicated(kernels.tree_cast(self.split(state.core), jnp.float64))
+        with compat.enable_x64(), compat.host_blas_threads(None):  # a one-off factorisation: every core
+            lin, fix = self._split_as(state.core, jnp.float64)
             x, t = self._device_data(jnp.float64)
             c = self._row_weights(np.ones(self.num_train, bool), jnp.float64)
             if space == "primal":
@@ -559,7 +602,7 @@ class MixedLinear:
         inverse, inverse_seconds = None, 0.0
         if space == "primal" or self._wants_inverse(chol.shape[0]):
             start = time.perf_counter()
-            with compat.enable_x64():
+            with compat.enable_x64(), compat.host_blas_threads(None):
                 inverse = jax.block_until_ready(self._replicated(kernels.cholesky_inverse(chol)))
             chol, inverse_seconds = None, time.perf_counter() - start
         factor = DirectFactor(space, chol, solution, targets, ridge, build_seconds, inverse, inverse_seconds)
@@ -571,8 +614,10 @@ class MixedLinear:
     def clear_removal_cache(self) -> None:
         """Drops the direct path's per-stream removal state (the dual's cached ``M⁻¹`` rows, the primal's
         running inverse); the next request rebuilds it from the factor. Benchmarks call it after a warm-up
-        so that the first timed request pays its full cost."""
-        self._dual_cols = (np.zeros(0, np.int64), 0, None)
+        so that the first timed request pays its full cost. The dual buffer's memory is kept (its rows are
+        marked empty, so every row is produced again): a fresh ``[width, N]`` allocation is page-faulted in
+        on first touch, a one-off cost of the process like compilation (~12 ms for 57 MB on a 2-core VM)."""
+        self._dual_cols = (np.zeros(0, np.int64), 0, self._dual_cols[2] if hasattr(self, "_dual_cols") else None)
         self._primal_inv = (np.zeros(0, np.int64), None, None)
 
     def _wants_inverse(self, size: int) -> bool:
@@ -644,9 +689,11 @@ class MixedLinear:
           ``valid[j]``; other slots are padding.
         """
         slots, count, buf = self._dual_cols
-        if buf is None or buf.shape[0] != width or not np.isin(slots[:count], rows).all():
-            slots, count = np.zeros(width, np.int64), 0
+        if buf is None or buf.shape != (width, factor.size):
             buf = self._replicated(jnp.zeros((width, factor.size), jnp.float64))
+            slots, count = np.zeros(width, np.int64), 0
+        elif slots.size != width or not np.isin(slots[:count], rows).all():
+            slots, count = np.zeros(width, np.int64), 0  # the memory is reused; every row is produced again
         new_rows = np.setdiff1d(rows, slots[:count])
         if new_rows.size:
             bucket = 1 << int(np.ceil(np.log2(max(new_rows.size, self.num_classes))))  # O(log) block shapes
@@ -699,27 +746,27 @@ class MixedLinear:
     ) -> tuple[PyTree, float, float, int]:
         """The float64 minimiser on the retained rows of ``removed_by`` from the cached factor.
 
-        The removal formula is applied, then checked with a float64 gradient pass; if the relative
-        residual ``‖g_r(w)‖/‖g_r(w_old)‖`` misses ``tol`` (ill-conditioned systems), up to
-        ``direct_refine`` steps of iterative refinement reuse the same factor on the residual.
+        The removal formula is applied, then checked: the relative residual ``‖g_r(w)‖/‖g_r(w_old)‖`` of the
+        retained problem (primal: a float64 gradient pass; dual: the dual residual mapped to the primal
+        gradient, see ``dual_check``). If it misses ``tol`` (ill-conditioned systems), up to ``direct_refine``
+        steps of iterative refinement reuse the same factor on the residual.
 
         Returns:
-          ``(w, rel_residual, ‖g_r(w_old)‖, refinement_steps)``.
+          ``(w, rel_residual, ‖g_r(w_old)‖, passes)``: ``passes`` counts the passes over the data made.
         """
         factor = self.direct_factor(state)
-        removed = np.flatnonzero(~ledger.retain_mask(removed_by))
-        k, dtype = self.num_classes, jnp.float64
+        retain = ledger.retain_mask(removed_by)
+        removed = np.flatnonzero(~retain)
+        k = self.num_classes
         # The normaliser ‖g_r(w_old)‖ is the request's own gradient, far above float32 rounding: a float32 pass
-        # gives it to ~1e-6 relative (a float64 pass costs 2-3x more on CPU). The residual at w is float64.
+        # gives it to ~1e-6 relative (a float64 pass costs 2-3x more on CPU).
         lin32, fix32 = self.split(state.core)
-        g_old, _ = self._gradient(lin32, fix32, self._replicated(kernels.tree_cast(w_old, jnp.float32)), self._x,
-                                  self._t, self._weights(removed_by, jnp.float32),
-                                  self._count(removed_by, jnp.float32), self.config.mu)
-        g_old_norm = max(float(kernels.tree_norm(g_old)), 1e-300)
+        w_old32 = self._replicated(kernels.tree_cast(w_old, jnp.float32))
+        c32, count32 = self._weights(removed_by, jnp.float32), self._count(removed_by, jnp.float32)
+        max_refine = max(int(self.config.get("direct_refine", 3)), min_refine)
         with compat.enable_x64():
             lin, fix, x, t, c, count = self._float64_problem(state.core, removed_by)
             mu = self.config.mu
-            _, unravel = kernels.tree_ravel_with_unravel(lin)
             if factor.space == "dual":
                 # The buffer is as wide as the reserved capacity (one compilation for a planned stream), beyond
                 # it a power of two (at least 16 samples): an unplanned stream compiles O(log) times.
@@ -728,34 +775,48 @@ class MixedLinear:
                 rows = (removed[:, None] * k + np.arange(k)).reshape(-1)
                 inv_rows, slots, slot_valid = self._removal_buffer(factor, rows, capacity * k)
                 # Every argument replicated on the mesh: a different input sharding would silently recompile.
-                rows_j, row_valid = self._replicated((jnp.asarray(slots), jnp.asarray(slot_valid)))
-                alpha = self._dual_remove(inv_rows, factor.solution, self._replicated(factor.targets[rows_j]), rows_j,
-                                          row_valid)
-                w = self._dual_weights(lin, fix, x, alpha)
-            else:
-                inv_r, w = self._primal_removal(factor, removed, lin, fix)
-                w = unravel(w)
+                # The buffer's valid slots are a prefix: the removal reads only those rows.
+                rows_j, row_valid, num_valid, retained = self._replicated(
+                    (jnp.asarray(slots), jnp.asarray(slot_valid), jnp.int32(slot_valid.sum()),
+                     jnp.asarray(np.repeat(retain, k), jnp.float64)))
+                ridge = jnp.float64(factor.ridge)
+                alpha, w, r, g_norm, g_old_norm = self._dual_request(
+                    inv_rows, factor.solution, factor.targets, rows_j, row_valid, num_valid, retained, ridge, count,
+                    lin, fix, x, lin32, fix32, self._x, self._t, c32, w_old32, mu)
+                g_norm, g_old_norm = (float(v) for v in jax.device_get((g_norm, g_old_norm)))
+                g_old_norm = max(g_old_norm, 1e-300)
+                steps, passes = 0, 3.0  # ‖g_r(w_old)‖, Jᵀα, and J w with J_Rᵀ r
+                while True:
+                    rel = g_norm / g_old_norm
+                    if rel > self.config.tol:
+                        # The float32 map of r has a floor near 1e-7·‖J‖‖r‖: confirm a miss with a float64 pass.
+                        rel = float(kernels.tree_norm(self._gradient(lin, fix, w, x, t, c, count, mu)[0])) / g_old_norm
+                        passes += 1.0
+                    if (rel <= self.config.tol and steps >= min_refine) or steps >= max_refine:
+                        return w, rel, g_old_norm, passes
+                    steps += 1
+                    passes += 2.0
+                    # The dual residual on the retained rows, corrected with the same factor and removal rows.
+                    alpha = alpha + self._dual_remove(inv_rows, self._replicated(self._factor_solve(factor, r)),
+                                                      self._replicated(r[rows_j]), rows_j, row_valid, num_valid)
+                    alpha, w, r, g_norm = self._dual_check(lin, fix, x, alpha, factor.targets, retained, ridge, count,
+                                                           lin32, fix32, self._x)
+                    g_norm = float(g_norm)
+            g_old, _ = self._gradient(lin32, fix32, w_old32, self._x, self._t, c32, count32, mu)
+            g_old_norm = max(float(kernels.tree_norm(g_old)), 1e-300)
+            _, unravel = kernels.tree_ravel_with_unravel(lin)
+            inv_r, w = self._primal_removal(factor, removed, lin, fix)
+            w = unravel(w)
             steps = 0
             while True:
                 g, _ = self._gradient(lin, fix, w, x, t, c, count, mu)
                 rel = float(kernels.tree_norm(g)) / g_old_norm
-                done = rel <= self.config.tol and steps >= min_refine
-                if done or steps >= max(int(self.config.get("direct_refine", 3)), min_refine):
-                    return w, rel, g_old_norm, steps
+                if (rel <= self.config.tol and steps >= min_refine) or steps >= max_refine:
+                    return w, rel, g_old_norm, 2.0 + steps  # gradients at w_old and per check (no other pass)
                 steps += 1
-                if factor.space == "dual":
-                    # Dual residual on the retained rows: t − (JJᵀ + λI) α, with JJᵀα = J w.
-                    jw = self._j_apply(lin, fix, x, w)[: self.num_train].reshape(-1)
-                    retained = jnp.asarray(np.repeat(ledger.retain_mask(removed_by), k), dtype)
-                    r = (factor.targets - jw - factor.ridge * alpha) * retained
-                    r = self._replicated(r)
-                    alpha = alpha + self._dual_remove(inv_rows, self._replicated(self._factor_solve(factor, r)),
-                                                      self._replicated(r[rows_j]), rows_j, row_valid)
-                    w = self._dual_weights(lin, fix, x, alpha)
-                else:
-                    # Primal residual b_r − A_r w = −n·g_r(w) (sum units), corrected with the same inverse.
-                    r = self._replicated(-float(count) * kernels.tree_ravel(g))
-                    w = kernels.tree_add(w, unravel(self._inverse_times(inv_r, r)))
+                # Primal residual b_r − A_r w = −n·g_r(w) (sum units), corrected with the same inverse.
+                r = self._replicated(-float(count) * kernels.tree_ravel(g))
+                w = kernels.tree_add(w, unravel(self._inverse_times(inv_r, r)))
 
     def _primal_removal(self, factor: DirectFactor, removed: np.ndarray, lin: PyTree, fix: PyTree
                         ) -> tuple[jax.Array, jax.Array]:
@@ -789,7 +850,7 @@ class MixedLinear:
 
     def _float64_problem(self, core: PyTree, removed_by) -> tuple:
         """``(lin, fix, x, t, c, count)`` in float64 for the retained rows of ``removed_by`` (call under x64)."""
-        lin, fix = self._replicated(kernels.tree_cast(self.split(core), jnp.float64))
+        lin, fix = self._split_as(core, jnp.float64)
         x, t = self._device_data(jnp.float64)
         return lin, fix, x, t, self._weights(removed_by, jnp.float64), self._count(removed_by, jnp.float64)
 
@@ -892,7 +953,7 @@ class MixedLinear:
             w, info = self.solve(state, w_start=w_start, dtype=jnp.float64, tol=tol, maxiter=maxiter, on_fail=on_fail)
             return w, {"route": "cg", "iterations": int(info.iterations), "rel_residual": float(info.rel_residual),
                        "converged": bool(info.converged)}
-        with compat.enable_x64():
+        with compat.enable_x64(), compat.host_blas_threads(None):  # a fresh factorisation: every core
             lin, fix, x, t, c, count = self._float64_problem(state.core, state.removed_by)
             ridge = float(count) * float(self.config.mu)
             _, unravel = kernels.tree_ravel_with_unravel(lin)
@@ -983,7 +1044,7 @@ class MixedLinear:
         maxiter = self.config.maxiter if maxiter is None else maxiter
         ctx = compat.enable_x64() if dtype == jnp.float64 else contextlib.nullcontext()
         with ctx:
-            lin, fix = self._replicated(kernels.tree_cast(self.split(state.core), dtype))
+            lin, fix = self._split_as(state.core, dtype)
             w0 = kernels.tree_zeros_like(lin) if w_start is None else kernels.tree_cast(w_start, dtype)
             w0 = self._replicated(w0)
             x, t = self._device_data(dtype)
@@ -1107,6 +1168,7 @@ class MixedLinear:
     # Forgetting
     # ----------------------------------------------------------------------------------------------
 
+    @compat.host_blas_threads(1)  # the request's small host/LAPACK work must not take XLA's cores
     def forget(
         self, state: MixedLinearState, ids, *, key: jax.Array | None = None, sigma: float | None = None
     ) -> tuple[MixedLinearState, ForgetInfo]:
@@ -1152,7 +1214,7 @@ class MixedLinear:
         count = self._count(new_removed, jnp.float32)
         path = self.choose_solver(state.core).path
         if path.startswith("direct"):
-            w64, rel, g_norm, refinements = self._direct_solve(state, new_removed, state.w_u)
+            w64, rel, g_norm, passes = self._direct_solve(state, new_removed, state.w_u)
             if not rel <= cfg.tol:
                 message = (f"forget request {request} ({path}): relative residual {rel:.3g} > tol {cfg.tol:g}; the "
                            "factorised system is too ill-conditioned for float64 at this mu (use solver='cg').")
@@ -1162,9 +1224,6 @@ class MixedLinear:
             w_new = self._replicated(kernels.tree_cast(w64, jnp.float32))
             v_norm = float(evaluate.weight_distance(w64, state.w_u)["l2"])
             iterations = 0
-            # Map back Jᵀα (dual); gradients at w_old (float32) and w (float64); per refinement a J and a Jᵀ pass.
-            per_refinement = 3.0 if path == "direct-dual" else 1.0
-            passes = (1.0 if path == "direct-dual" else 0.0) + 2.0 + per_refinement * refinements
         elif path == "cg" and cfg.get("cg_precision", "float32") == "refined":
             w64, rel, g_norm, iterations, passes = self._refined_newton(state, new_removed, request)
             w_new = self._replicated(kernels.tree_cast(w64, jnp.float32))

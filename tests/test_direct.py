@@ -81,6 +81,33 @@ def test_a_sequence_of_downdates_equals_refactoring_the_reduced_gram_matrix():
             np.testing.assert_allclose(np.asarray(alpha)[keep], refactored, rtol=1e-8, atol=1e-10)
 
 
+def test_a_removal_buffer_wider_than_the_removed_rows_reads_only_its_valid_prefix():
+    """A stream's buffer is sized for all its requests: stale rows past the valid prefix change nothing, and the
+    chunked product (chunks that straddle the prefix's end, a last chunk shifted back) equals the dense one."""
+    rng = np.random.default_rng(3)
+    jac, targets, lam = random_problem(rng, 40, 50, lam=1e-2)
+    with compat.enable_x64():
+        inv = jnp.asarray(np.linalg.inv(jac @ jac.T + lam * np.eye(40)))
+        t = jnp.asarray(targets)
+        a_full = inv @ t
+        removed = np.array([2, 9, 17, 23, 31])
+        width = 11
+        slots = np.zeros(width, np.int64)
+        slots[: removed.size] = removed
+        buffer = np.asarray(rng.normal(size=(width, 40)))  # stale rows (e.g. of an earlier stream)
+        buffer[: removed.size] = np.asarray(inv)[removed]
+        valid = np.arange(width) < removed.size
+        dense = kernels.dual_remove_rows(inv[removed], a_full, t[removed], jnp.asarray(removed),
+                                         jnp.ones(removed.size, bool))
+        for chunk in (2, 3, 4, 64):
+            prefix = kernels.dual_remove_rows(jnp.asarray(buffer), a_full, t[slots], jnp.asarray(slots),
+                                              jnp.asarray(valid), jnp.int32(removed.size), chunk=chunk)
+            np.testing.assert_allclose(np.asarray(prefix), np.asarray(dense), rtol=1e-12, atol=1e-12)
+    keep = np.setdiff1d(np.arange(40), removed)
+    expected = np.linalg.solve(jac[keep] @ jac[keep].T + lam * np.eye(keep.size), targets[keep])
+    np.testing.assert_allclose(np.asarray(dense)[keep], expected, rtol=1e-8, atol=1e-10)
+
+
 def test_a_sequence_of_primal_inverse_updates_equals_inverting_the_reduced_system():
     rng = np.random.default_rng(2)
     jac, targets, lam = random_problem(rng, 60, 12, lam=1e-2)
@@ -268,12 +295,50 @@ def test_the_explicit_dual_inverse_serves_the_same_stream_as_the_factor(problem)
                                             @ np.asarray(methods["dual"].direct_factor(states["dual"]).chol).T)
     np.testing.assert_allclose(eye, np.eye(rows), atol=1e-5)  # κ(M)·ε: the stream below is checked to 1e-8
     assert ml.solver_memory_bytes()["factor"] < 1.01 * (rows * rows + 2 * rows) * 8
-    for ids in (splits.user_ids[:3], splits.user_ids[40:46]):
+    for ids in (splits.user_ids[:3], splits.user_ids[40:46], splits.user_ids[50:52]):
+        if ids[0] == splits.user_ids[50]:
+            ml.clear_removal_cache()  # the buffer's memory is kept, its rows are produced again
         state, info = ml.forget(state, ids, sigma=0.0)
         assert info.solver == "direct-dual" and info.rel_residual <= 1e-8
         expected = dense_fixed_minimiser(ml, dense, state.removed_by)
         w64 = ravel64(ml._direct_solve(state, state.removed_by, state.w_u)[0])
         assert np.linalg.norm(w64 - expected) <= 1e-8 * np.linalg.norm(expected)
+
+
+def test_the_dual_check_maps_the_dual_residual_to_the_primal_gradient(problem):
+    """For any α, g_r(J_Rᵀα) = −(1/n) J_Rᵀ(t − J w − λα) on the retained rows: the dual path checks a request
+    with one float64 J pass and a float32 Jᵀ pass instead of a float64 gradient pass."""
+    splits, methods, states, _ = problem
+    ml, state = methods["dual"], states["dual"]
+    removed_by = ledger.record(state.removed_by, np.searchsorted(ml.train_ids, splits.user_ids[:4]), 1)
+    factor = ml.direct_factor(state)
+    rows = np.repeat(ledger.retain_mask(removed_by), ml.num_classes)
+    noise = np.random.default_rng(0).normal(size=rows.size)
+    lin32, fix32 = ml.split(state.core)
+    with compat.enable_x64():
+        lin, fix, x, t, c, count = ml._float64_problem(state.core, removed_by)
+        alpha = factor.solution * (1.0 + 0.1 * jnp.asarray(noise))  # far from the solution: r is not small
+        alpha, w, r, g_norm = ml._dual_check(lin, fix, x, alpha, factor.targets, jnp.asarray(rows, jnp.float64),
+                                             jnp.float64(factor.ridge), count, lin32, fix32, ml._x)
+        g, _ = ml._gradient(lin, fix, w, x, t, c, count, ml.config.mu)
+        assert np.all(np.asarray(alpha)[~rows] == 0) and np.all(np.asarray(r)[~rows] == 0)
+        np.testing.assert_allclose(float(g_norm), float(kernels.tree_norm(g)), rtol=1e-4)
+
+
+def test_a_miss_of_the_dual_fast_check_is_decided_by_a_float64_pass(problem):
+    """The float32 map reads ‖g_r‖ to ~1e-7 of ‖J‖‖r‖; where it reads above tol (simulated here by inflating it),
+    a float64 gradient pass decides before any refinement, so a tol below that floor is reached, not refused."""
+    splits, methods, states, dense = problem
+    ml = mixed_linear.MixedLinear(methods["dual"].model, splits,
+                                  small_config(solver="direct", direct_space="dual", tol=1e-10),
+                                  mesh=mesh.make_mesh(2))
+    state = ml.init(jax.random.key(0), core=states["dual"].core)
+    fast = ml._dual_request
+    ml._dual_request = lambda *args: (lambda out: (*out[:3], out[3] * 1e6, out[4]))(fast(*args))
+    state, info = ml.forget(state, splits.user_ids[5:9], sigma=0.0)
+    assert info.rel_residual <= 1e-10 and info.passes == 4.0  # the three of a request and one float64 gradient
+    expected = dense_fixed_minimiser(ml, dense, state.removed_by)
+    assert np.linalg.norm(ravel64(info.w_pre_noise) - expected) <= 1e-6 * np.linalg.norm(expected)
 
 
 def test_refined_cg_reaches_float64_accuracy_that_float32_cg_cannot(problem):
