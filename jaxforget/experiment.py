@@ -171,6 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         factor = ml.direct_factor(state)  # on a resume this is where it is built (and its kernels compiled)
         meta["direct_factor_seconds"] = factor.build_seconds
         meta["direct_inverse_seconds"] = factor.inverse_seconds
+        meta["direct_check"] = factor.check
     traces_before = _forget_traces(ml)
 
     # ------------------------------------------------------------------ the request stream
@@ -263,7 +264,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _forget_traces(ml: ml_lib.MixedLinear) -> int:
     """Compiled variants of every kernel a forget request runs."""
     kernels_ = (ml._newton_step, ml._hessian_solve, ml._dual_remove, ml._primal_remove, ml._cholesky_solve,
-                ml._dual_request, ml._dual_check, ml._gather_rows, ml._write_rows)
+                ml._dual_request, ml._dual_check, ml._gather_rows, ml._write_rows, ml._gram_gradients,
+                ml._remove_rows_gradients)
     return sum(k._cache_size() for k in kernels_)
 
 

@@ -96,7 +96,8 @@ class DirectFactor:
 
     ``space="primal"``: ``inverse`` is ``A⁻¹ = (JᵀJ + λI)⁻¹`` (``[P, P]``, always held explicitly: requests
     update a running copy by Woodbury), ``solution = w_D`` and ``targets = b = Jᵀt`` (``[P]``); ``chol`` is
-    ``None``.
+    ``None``; ``gram`` is ``A`` itself when requests are checked from it (``check="gram"``, see
+    ``config.direct_check``), else ``None``.
     ``space="dual"``: ``chol`` factors ``M = JJᵀ + λI`` (``[N, N]``), ``solution = α_D = M⁻¹t`` and
     ``targets = t`` (``[N]``), with ``λ = n·μ`` and ``t_i = α y_i − f_c(x_i)``. With ``config.direct_inverse``
     it holds the explicit ``M⁻¹`` in ``inverse`` instead (``chol`` is ``None``, so that one ``N × N``
@@ -111,6 +112,8 @@ class DirectFactor:
     build_seconds: float
     inverse: jax.Array | None = None
     inverse_seconds: float = 0.0
+    gram: jax.Array | None = None  # primal, ``direct_check="gram"``: ``A`` itself (``[P, P]``)
+    check: str = "data"  # how a request is checked (primal: "gram" or "data"; dual: the dual residual)
 
     @property
     def size(self) -> int:
@@ -174,6 +177,11 @@ def default_method_config() -> ml_collections.ConfigDict:
     # solves. Building it costs ~2N³/3 flops more than the factor, so "auto" takes it on accelerators, and on
     # CPU when the planned stream (reserve_capacity) removes more than N/3 rows.
     c.direct_inverse = "auto"
+    # Primal path: how a request's result is checked. "gram": from the held A = JᵀJ + λI and the Jacobian rows
+    # of the removed samples, g_r(w) = (A w − Σ_F J_iᵀJ_i w − b_R)/n (no pass over the data; ~P² reads);
+    # "data": float64 gradient passes over the retained data; "auto": whichever one measured faster at build
+    # (a frozen CNN backbone makes a data pass costly; a wide MLP head makes P² reads costly).
+    c.direct_check = "auto"
     c.tol = 1e-5  # CG: ‖H v − g‖ ≤ tol·‖g‖
     c.maxiter = 3000
     # CG arithmetic: "float32" (one Newton-CG solve; its residual recurrence stalls near 1e-3 at κ ≈ 1e6) or
@@ -255,6 +263,8 @@ class MixedLinear:
             raise errors.ConfigError(
                 f"regularization must be 'fixed' or 'retained', got {config.regularization!r}."
             )
+        if config.get("direct_check", "auto") not in ("auto", "gram", "data"):
+            raise errors.ConfigError(f"direct_check must be 'auto', 'gram' or 'data', got {config.direct_check!r}.")
         if config.solver == "direct" and config.get("regularization", "fixed") != "fixed":
             raise errors.ConfigError(
                 "solver='direct' needs regularization='fixed': with the per-retained normaliser every request "
@@ -444,8 +454,18 @@ class MixedLinear:
             keep = valid.astype(jac.dtype)
             resid = (t_f - self._apply(lin, fix, x_f)) * keep[:, None]
             jac = jac * keep[:, None, None]
-            inv_r, rhs_r = kernels.primal_remove_rows(inv, rhs, jac.reshape(-1, jac.shape[-1]), resid.reshape(-1))
-            return inv_r, rhs_r, jnp.matmul(inv_r, rhs_r, precision=kernels.HIGHEST)
+            rows = jac.reshape(-1, jac.shape[-1])
+            inv_r, rhs_r = kernels.primal_remove_rows(inv, rhs, rows, resid.reshape(-1))
+            return inv_r, rhs_r, jnp.matmul(inv_r, rhs_r, precision=kernels.HIGHEST), rows
+
+        def gram_gradients(gram, rhs, ws, count):
+            """``(A w − b_R)/n`` at the columns of ``ws`` (``[P, m]``): the retained gradient once the removed rows'
+            ``J_FᵀJ_F w / n`` is taken off (:func:`remove_rows_gradients`, a block of rows at a time)."""
+            return (jnp.matmul(gram, ws, precision=kernels.HIGHEST) - rhs[:, None]) / count
+
+        def remove_rows_gradients(gs, rows, ws, count):
+            return gs - jnp.matmul(rows.T, jnp.matmul(rows, ws, precision=kernels.HIGHEST),
+                                   precision=kernels.HIGHEST) / count
 
         def j_apply(lin, fix, x, w):
             """``J w`` on every (padded) row: ``[n_pad, K]``."""
@@ -461,6 +481,7 @@ class MixedLinear:
         self._dual_check = jax.jit(_highest(dual_check))
         self._dual_request = jax.jit(_highest(dual_request))
         self._spd_cholesky = jax.jit(_highest(spd_cholesky))
+        self._add_ridge = jax.jit(lambda gram, ridge: gram + ridge * jnp.eye(gram.shape[0], dtype=gram.dtype))
         self._cholesky_solve = jax.jit(_highest(kernels.cholesky_solve))
         # The reference solve (oracle) compiles its own copies: its reduced sizes change with every request, and
         # those traces must not count as (or evict) the forget path's compilations.
@@ -470,6 +491,8 @@ class MixedLinear:
         self._dual_remove = jax.jit(_highest(kernels.dual_remove_rows))
         # The running inverse is updated in place (donated): a request costs no P×P copy.
         self._primal_remove = jax.jit(_highest(primal_remove), donate_argnums=2)
+        self._gram_gradients = jax.jit(_highest(gram_gradients))
+        self._remove_rows_gradients = jax.jit(_highest(remove_rows_gradients))
         self._copy = jax.jit(lambda a: a + 0)
         # M⁻¹ is symmetric: its removal columns are gathered as contiguous rows (~4x faster than a strided
         # column gather), and written in place (the donated buffer is not copied: ~10x faster on CPU).
@@ -589,9 +612,9 @@ class MixedLinear:
             x, t = self._device_data(jnp.float64)
             c = self._row_weights(np.ones(self.num_train, bool), jnp.float64)
             if space == "primal":
-                chol, solution, targets = self._primal_factor(lin, fix, x, t, c, ridge)
+                chol, solution, targets, gram = self._primal_factor(lin, fix, x, t, c, ridge, keep_gram=True)
             else:
-                chol, solution, targets = self._dual_factor(lin, fix, x, t, ridge)
+                (chol, solution, targets), gram = self._dual_factor(lin, fix, x, t, ridge), None
             jax.block_until_ready(solution)
         if not bool(jnp.all(jnp.isfinite(solution))):
             raise errors.DirectSolveError(
@@ -605,7 +628,9 @@ class MixedLinear:
             with compat.enable_x64(), compat.host_blas_threads(None):
                 inverse = jax.block_until_ready(self._replicated(kernels.cholesky_inverse(chol)))
             chol, inverse_seconds = None, time.perf_counter() - start
-        factor = DirectFactor(space, chol, solution, targets, ridge, build_seconds, inverse, inverse_seconds)
+        check = "dual" if space == "dual" else self._primal_check(state, gram, solution, targets)
+        factor = DirectFactor(space, chol, solution, targets, ridge, build_seconds, inverse, inverse_seconds,
+                              gram if check == "gram" else None, check)
         # One core at a time (the matrices can be large); the removal state belongs to the factor.
         self._direct_cache = {"core": state.core, "factor": factor}
         self.clear_removal_cache()
@@ -618,7 +643,7 @@ class MixedLinear:
         marked empty, so every row is produced again): a fresh ``[width, N]`` allocation is page-faulted in
         on first touch, a one-off cost of the process like compilation (~12 ms for 57 MB on a 2-core VM)."""
         self._dual_cols = (np.zeros(0, np.int64), 0, self._dual_cols[2] if hasattr(self, "_dual_cols") else None)
-        self._primal_inv = (np.zeros(0, np.int64), None, None)
+        self._primal_inv = (np.zeros(0, np.int64), None, None, [])
 
     def _wants_inverse(self, size: int) -> bool:
         """Whether the dual path holds ``M⁻¹`` explicitly (``config.direct_inverse``, see its comment)."""
@@ -636,13 +661,43 @@ class MixedLinear:
             return self._inverse_times(factor.inverse, rhs)
         return self._cholesky_solve(factor.chol, rhs)
 
-    def _primal_factor(self, lin, fix, x, t, c, ridge: float, solve=None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """``(L, w, b)``: the Cholesky factor of ``A = Σ_i c_i J_iᵀJ_i + ridge·I``, the ravelled solution
-        ``w = A⁻¹b`` and the right-hand side ``b = Σ_i c_i J_iᵀ t_i`` (float64)."""
+    def _primal_factor(self, lin, fix, x, t, c, ridge: float, solve=None, keep_gram: bool = False) -> tuple:
+        """``(L, w, b, A)``: the Cholesky factor of ``A = Σ_i c_i J_iᵀJ_i + ridge·I``, the ravelled solution
+        ``w = A⁻¹b``, the right-hand side ``b = Σ_i c_i J_iᵀ t_i`` and ``A`` itself if ``keep_gram`` (else
+        ``None``) (float64)."""
         gram, rhs = self._primal_gram((lin, fix), (x, t, c))
         chol = self._spd_cholesky(gram, jnp.float64(ridge))
-        del gram
-        return chol, (solve or self._cholesky_solve)(chol, rhs), rhs
+        gram = self._add_ridge(gram, jnp.float64(ridge)) if keep_gram else None
+        return chol, (solve or self._cholesky_solve)(chol, rhs), rhs, gram
+
+    def _primal_check(self, state: MixedLinearState, gram: jax.Array, solution: jax.Array, rhs: jax.Array) -> str:
+        """``config.direct_check`` for the primal path; ``"auto"`` times one check of each kind (after compiling
+        both) at the full-data solution and keeps the faster."""
+        mode = self.config.get("direct_check", "auto")
+        if mode != "auto":
+            return mode
+        with compat.enable_x64():
+            lin, fix, x, t, c, count = self._float64_problem(state.core, state.removed_by)
+            _, unravel = kernels.tree_ravel_with_unravel(lin)
+            w, ws = unravel(solution), jnp.stack([solution, solution], axis=1)
+            rows = self._replicated(jnp.zeros((self.num_classes * _PRIMAL_BLOCK, solution.shape[0]), jnp.float64))
+            lin32, fix32 = self.split(state.core)
+            w32 = self._replicated(kernels.tree_cast(w, jnp.float32))
+            c32, count32 = self._weights(state.removed_by, jnp.float32), self._count(state.removed_by, jnp.float32)
+            mu = self.config.mu
+            # Per request: one product with A and one per block of removed rows (one block timed here), against
+            # the data path's gradients at w_old (float32) and at w (float64).
+            checks = {"gram": lambda: self._remove_rows_gradients(self._gram_gradients(gram, rhs, ws, count), rows,
+                                                                  ws, count),
+                      "data": lambda: (self._gradient(lin32, fix32, w32, self._x, self._t, c32, count32, mu)[0],
+                                       self._gradient(lin, fix, w, x, t, c, count, mu)[0])}
+            seconds = {}
+            for name, fn in checks.items():
+                jax.block_until_ready(fn())
+                start = time.perf_counter()
+                jax.block_until_ready(fn())
+                seconds[name] = time.perf_counter() - start
+        return min(seconds, key=seconds.get)
 
     def _dual_factor(self, lin, fix, x, t, ridge: float, keep: np.ndarray | None = None,
                      solve=None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -723,14 +778,15 @@ class MixedLinear:
         retained system) and ``preconditioner`` (CG: the Nyström sketch).
         """
         factor = self._direct_cache.get("factor")
-        removal = [self._dual_cols[2], self._primal_inv[1]]
+        removal = [self._dual_cols[2], self._primal_inv[1], self._primal_inv[3]]
         pre = [v for k, v in self._pre_cache.items() if k != "core"]
 
         def size(tree):
             return int(sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(tree)))
 
         return {
-            "factor": size([factor.chol, factor.inverse, factor.solution, factor.targets]) if factor is not None else 0,
+            "factor": (size([factor.chol, factor.inverse, factor.solution, factor.targets, factor.gram])
+                       if factor is not None else 0),
             "removal": size([a for a in removal if a is not None]),
             "preconditioner": size(pre),
         }
@@ -747,8 +803,8 @@ class MixedLinear:
         """The float64 minimiser on the retained rows of ``removed_by`` from the cached factor.
 
         The removal formula is applied, then checked: the relative residual ``‖g_r(w)‖/‖g_r(w_old)‖`` of the
-        retained problem (primal: a float64 gradient pass; dual: the dual residual mapped to the primal
-        gradient, see ``dual_check``). If it misses ``tol`` (ill-conditioned systems), up to ``direct_refine``
+        retained problem (primal: from the held ``A`` and the removed rows, no data pass, or by float64 gradient
+        passes, per ``factor.check``; dual: the dual residual mapped to the primal gradient, see ``dual_check``). If it misses ``tol`` (ill-conditioned systems), up to ``direct_refine``
         steps of iterative refinement reuse the same factor on the residual.
 
         Returns:
@@ -802,10 +858,25 @@ class MixedLinear:
                     alpha, w, r, g_norm = self._dual_check(lin, fix, x, alpha, factor.targets, retained, ridge, count,
                                                            lin32, fix32, self._x)
                     g_norm = float(g_norm)
+            _, unravel = kernels.tree_ravel_with_unravel(lin)
+            inv_r, w, rhs_r, blocks = self._primal_removal(factor, removed, lin, fix)
+            if factor.check == "gram":
+                # The quadratic's exact gradient from A, the removed rows and b_R: no pass over the data.
+                w_old64 = kernels.tree_ravel(kernels.tree_cast(w_old, jnp.float64))
+                steps, passes = 0, 0.0
+                while True:
+                    gs = self._gram_gradients(factor.gram, rhs_r, jnp.stack([w, w_old64], axis=1), count)
+                    for rows in blocks:
+                        gs = self._remove_rows_gradients(gs, rows, jnp.stack([w, w_old64], axis=1), count)
+                    g_norm, g_old_norm = (float(v) for v in jax.device_get(jnp.linalg.norm(gs, axis=0)))
+                    g_old_norm = max(g_old_norm, 1e-300)
+                    rel = g_norm / g_old_norm
+                    if (rel <= self.config.tol and steps >= min_refine) or steps >= max_refine:
+                        return unravel(w), rel, g_old_norm, passes
+                    steps += 1
+                    w = w + self._inverse_times(inv_r, self._replicated(-float(count) * gs[:, 0]))
             g_old, _ = self._gradient(lin32, fix32, w_old32, self._x, self._t, c32, count32, mu)
             g_old_norm = max(float(kernels.tree_norm(g_old)), 1e-300)
-            _, unravel = kernels.tree_ravel_with_unravel(lin)
-            inv_r, w = self._primal_removal(factor, removed, lin, fix)
             w = unravel(w)
             steps = 0
             while True:
@@ -819,19 +890,20 @@ class MixedLinear:
                 w = kernels.tree_add(w, unravel(self._inverse_times(inv_r, r)))
 
     def _primal_removal(self, factor: DirectFactor, removed: np.ndarray, lin: PyTree, fix: PyTree
-                        ) -> tuple[jax.Array, jax.Array]:
-        """``(A_R⁻¹, A_R⁻¹ b_R)`` for the removed sample positions ``removed`` (float64, call under x64).
+                        ) -> tuple[jax.Array, jax.Array, jax.Array, list[jax.Array]]:
+        """``(A_R⁻¹, A_R⁻¹ b_R, b_R, blocks)`` for the removed sample positions ``removed`` (float64, call under
+        x64); ``blocks`` are the removed samples' Jacobian rows (``[_PRIMAL_BLOCK·K, P]`` each, padding rows zero).
 
         The running inverse of the last request is kept: a sequential stream updates it with each request's
         new rows only (Woodbury, :func:`kernels.primal_remove_rows`), in blocks of ``_PRIMAL_BLOCK`` samples
         (the last one padded), so that every stream, resumed or not, compiles one update; any other removed
         set restarts from the full-data inverse.
         """
-        done, inv, rhs = self._primal_inv
+        done, inv, rhs, blocks = self._primal_inv
         if inv is None or not np.isin(done, removed).all():
-            done, inv, rhs = np.zeros(0, np.int64), self._copy(factor.inverse), factor.targets
+            done, inv, rhs, blocks = np.zeros(0, np.int64), self._copy(factor.inverse), factor.targets, []
         new = np.setdiff1d(removed, done)
-        self._primal_inv = (np.zeros(0, np.int64), None, None)  # the inverse is donated to the updates below
+        self._primal_inv = (np.zeros(0, np.int64), None, None, [])  # the inverse is donated to the updates below
         w = None
         train_set = self.splits.train
         x_new = np.asarray(train_set.x, np.float64)[new]
@@ -842,11 +914,12 @@ class MixedLinear:
             x_f = jnp.asarray(np.pad(x_new[block], [(0, pad)] + [(0, 0)] * (x_new.ndim - 1), mode="edge"))
             t_f = jnp.asarray(np.pad(t_new[block], [(0, pad), (0, 0)], mode="edge"))
             x_f, t_f, valid = self._replicated((x_f, t_f, jnp.asarray(np.arange(_PRIMAL_BLOCK) < _PRIMAL_BLOCK - pad)))
-            inv, rhs, w = self._primal_remove(lin, fix, inv, rhs, x_f, t_f, valid)
+            inv, rhs, w, rows = self._primal_remove(lin, fix, inv, rhs, x_f, t_f, valid)
+            blocks = [*blocks, rows] if factor.check == "gram" else blocks  # the rows are only kept for the check
         if w is None:
             w = self._inverse_times(inv, rhs)
-        self._primal_inv = (np.union1d(done, new), inv, rhs)
-        return inv, w
+        self._primal_inv = (np.union1d(done, new), inv, rhs, blocks)
+        return inv, w, rhs, blocks
 
     def _float64_problem(self, core: PyTree, removed_by) -> tuple:
         """``(lin, fix, x, t, c, count)`` in float64 for the retained rows of ``removed_by`` (call under x64)."""
@@ -960,7 +1033,7 @@ class MixedLinear:
             forced = self.config.get("direct_space", "auto")
             if forced == "primal" or (forced != "dual" and choice.num_params <= num_rows):
                 route = "primal"
-                _, solution, _ = self._primal_factor(lin, fix, x, t, c, ridge, solve=self._ref_cholesky_solve)
+                _, solution, _, _ = self._primal_factor(lin, fix, x, t, c, ridge, solve=self._ref_cholesky_solve)
                 w = unravel(solution)
             else:
                 route = "dual"

@@ -231,6 +231,39 @@ def test_training_and_each_request_equal_the_dense_minimiser_in_both_spaces(prob
     np.testing.assert_allclose(finals["primal"], finals["dual"], rtol=0, atol=1e-9 * np.abs(finals["dual"]).max())
 
 
+def test_the_primal_gram_check_reads_the_same_residual_as_a_data_pass_without_one(problem):
+    """direct_check="gram": g_r(w) = (A w − Σ_F J_iᵀJ_i w − b_R)/n from the held A and the removed rows, the
+    quadratic's exact gradient: the same residuals as float64 data passes, to rounding, with no pass made."""
+    splits, methods, states, dense = problem
+    requests = (splits.user_ids[:3], splits.user_ids[10:30], splits.user_ids[40:41])  # 20 samples: two blocks
+    runs = {}
+    for check in ("gram", "data"):
+        ml = mixed_linear.MixedLinear(methods["primal"].model, splits,
+                                      small_config(solver="direct", direct_space="primal", direct_check=check),
+                                      mesh=mesh.make_mesh(2))
+        state = ml.init(jax.random.key(0), core=states["primal"].core)
+        assert ml.direct_factor(state).check == check and (ml.direct_factor(state).gram is None) == (check == "data")
+        infos = []
+        for ids in requests:
+            state, info = ml.forget(state, ids, sigma=0.0)
+            expected = dense_fixed_minimiser(ml, dense, state.removed_by)
+            assert np.linalg.norm(ravel64(info.w_pre_noise) - expected) <= 1e-6 * np.linalg.norm(expected)
+            infos.append(info)
+        runs[check] = infos
+    for by_gram, by_data in zip(runs["gram"], runs["data"], strict=True):
+        assert by_gram.passes == 0.0 and by_data.passes == 2.0
+        np.testing.assert_allclose(by_gram.grad_norm, by_data.grad_norm, rtol=1e-5)  # data: a float32 pass
+        assert by_gram.rel_residual <= 1e-8 and by_data.rel_residual <= 1e-8
+    auto = mixed_linear.MixedLinear(methods["primal"].model, splits, small_config(solver="direct",
+                                                                                  direct_space="primal"),
+                                    mesh=mesh.make_mesh(2))
+    assert auto.direct_factor(auto.init_state(states["primal"].core)).check in ("gram", "data")
+    with pytest.raises(errors.ConfigError, match="direct_check"):
+        bad = mixed_linear.MixedLinear(auto.model, splits, small_config(solver="direct", direct_space="primal",
+                                                                        direct_check="both"), mesh=mesh.make_mesh(2))
+        bad.direct_factor(bad.init_state(states["primal"].core))
+
+
 def test_direct_forget_equals_a_float64_cg_retrain(problem):
     splits, methods, states, _ = problem
     ml = methods["dual"]
