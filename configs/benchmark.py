@@ -9,7 +9,7 @@ Workloads (each a full forget job, see configs/mixed_linear_digits.py): digits w
 without the Nyström preconditioner; digits with every layer linearized (κ ≈ 1e6): the dual direct path with an
 explicit inverse, and Nyström-PCG with mixed-precision refinement (at tol 1e-5, and at 1e-2, where its error
 meets the issue's 1e-3); a synthetic CIFAR-shaped workload (32×32×3
-images, CNN). Runtime on 2 CPU cores: ~32 minutes (quick: ~1 minute);
+images, CNN). Runtime on 2 CPU cores: ~30 minutes (quick: ~1 minute);
 on a GPU raise `synthetic_n`. Results: <workdir>/benchmark.json and one report.json per workload.
 """
 

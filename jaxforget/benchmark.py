@@ -160,6 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "solver_choice": rep.get("solver_choice"),
             "direct_factor_seconds": rep.get("direct_factor_seconds"),
             "direct_inverse_seconds": rep.get("direct_inverse_seconds"),
+            "direct_check": rep.get("direct_check"),
             "preconditioner_build_seconds": rep.get("preconditioner_build_seconds"),
             "num_linearized_params": kernels.tree_size(state.w_u),
             "solver_memory_bytes": rep.get("solver_memory_bytes"),

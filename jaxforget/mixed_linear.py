@@ -612,7 +612,8 @@ class MixedLinear:
             x, t = self._device_data(jnp.float64)
             c = self._row_weights(np.ones(self.num_train, bool), jnp.float64)
             if space == "primal":
-                chol, solution, targets, gram = self._primal_factor(lin, fix, x, t, c, ridge, keep_gram=True)
+                keep_gram = self.config.get("direct_check", "auto") != "data"
+                chol, solution, targets, gram = self._primal_factor(lin, fix, x, t, c, ridge, keep_gram=keep_gram)
             else:
                 (chol, solution, targets), gram = self._dual_factor(lin, fix, x, t, ridge), None
             jax.block_until_ready(solution)
@@ -799,13 +800,14 @@ class MixedLinear:
 
     def _direct_solve(
         self, state: MixedLinearState, removed_by, w_old: PyTree, *, min_refine: int = 0
-    ) -> tuple[PyTree, float, float, int]:
+    ) -> tuple[PyTree, float, float, float]:
         """The float64 minimiser on the retained rows of ``removed_by`` from the cached factor.
 
         The removal formula is applied, then checked: the relative residual ``‖g_r(w)‖/‖g_r(w_old)‖`` of the
         retained problem (primal: from the held ``A`` and the removed rows, no data pass, or by float64 gradient
-        passes, per ``factor.check``; dual: the dual residual mapped to the primal gradient, see ``dual_check``). If it misses ``tol`` (ill-conditioned systems), up to ``direct_refine``
-        steps of iterative refinement reuse the same factor on the residual.
+        passes, per ``factor.check``; dual: the dual residual mapped to the primal gradient, see ``dual_check``).
+        If it misses ``tol`` (ill-conditioned systems), up to ``direct_refine`` steps of iterative refinement
+        reuse the same factor on the residual.
 
         Returns:
           ``(w, rel_residual, ‖g_r(w_old)‖, passes)``: ``passes`` counts the passes over the data made.

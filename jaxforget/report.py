@@ -66,6 +66,7 @@ def build(config, meta: dict, *, splits: dict, env: dict) -> dict:
         "solver_choice": meta.get("solver_choice"),
         "direct_factor_seconds": meta.get("direct_factor_seconds"),
         "direct_inverse_seconds": meta.get("direct_inverse_seconds"),
+        "direct_check": meta.get("direct_check"),
         "solver_memory_bytes": meta.get("solver_memory_bytes"),
         "peak_host_rss_mib": meta.get("peak_host_rss_mib"),
         "sigma_sweep": meta.get("sigma_sweep"),
