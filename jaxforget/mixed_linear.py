@@ -445,8 +445,11 @@ class MixedLinear:
             return *dual_check(lin, fix, x, alpha, targets, retained, ridge, count, lin32, fix32, x32), \
                 kernels.tree_norm(g_old)
 
+        def add_ridge(gram, ridge):
+            return gram + ridge * jnp.eye(gram.shape[0], dtype=gram.dtype)
+
         def spd_cholesky(gram, ridge):
-            return kernels.spd_cholesky(gram + ridge * jnp.eye(gram.shape[0], dtype=gram.dtype))
+            return kernels.spd_cholesky(add_ridge(gram, ridge))
 
         def primal_remove(lin, fix, inv, rhs, x_f, t_f, valid):
             """Removes the samples ``x_f`` (``valid`` False on padding) from ``(A⁻¹, b)``; also ``A_R⁻¹ b_R``."""
@@ -477,17 +480,15 @@ class MixedLinear:
         self._dual_gram_block = jax.jit(_highest(dual_gram_block))
         self._dual_targets = jax.jit(_highest(dual_targets))
         jt_sum = mesh_lib.data_parallel_sum(jt_batch, self.mesh, bs)
-        self._dual_weights = jax.jit(_highest(dual_weights))
         self._dual_check = jax.jit(_highest(dual_check))
         self._dual_request = jax.jit(_highest(dual_request))
         self._spd_cholesky = jax.jit(_highest(spd_cholesky))
-        self._add_ridge = jax.jit(lambda gram, ridge: gram + ridge * jnp.eye(gram.shape[0], dtype=gram.dtype))
+        self._add_ridge = jax.jit(add_ridge)
         self._cholesky_solve = jax.jit(_highest(kernels.cholesky_solve))
         # The reference solve (oracle) compiles its own copies: its reduced sizes change with every request, and
         # those traces must not count as (or evict) the forget path's compilations.
         self._ref_cholesky_solve = jax.jit(_highest(kernels.cholesky_solve))
         self._ref_jt_sum = jax.jit(_highest(mesh_lib.data_parallel_sum(jt_batch, self.mesh, bs)))
-        self._j_apply = jax.jit(_highest(j_apply))
         self._dual_remove = jax.jit(_highest(kernels.dual_remove_rows))
         # The running inverse is updated in place (donated): a request costs no P×P copy.
         self._primal_remove = jax.jit(_highest(primal_remove), donate_argnums=2)
@@ -867,9 +868,10 @@ class MixedLinear:
                 w_old64 = kernels.tree_ravel(kernels.tree_cast(w_old, jnp.float64))
                 steps, passes = 0, 0.0
                 while True:
-                    gs = self._gram_gradients(factor.gram, rhs_r, jnp.stack([w, w_old64], axis=1), count)
+                    ws = jnp.stack([w, w_old64], axis=1)
+                    gs = self._gram_gradients(factor.gram, rhs_r, ws, count)
                     for rows in blocks:
-                        gs = self._remove_rows_gradients(gs, rows, jnp.stack([w, w_old64], axis=1), count)
+                        gs = self._remove_rows_gradients(gs, rows, ws, count)
                     g_norm, g_old_norm = (float(v) for v in jax.device_get(jnp.linalg.norm(gs, axis=0)))
                     g_old_norm = max(g_old_norm, 1e-300)
                     rel = g_norm / g_old_norm
