@@ -24,7 +24,7 @@ demo: install
 # Every registered method and baseline on 3 seeds against the retrain oracle: report.json, compare.md, PNGs.
 compare: install
 	$(BIN)/python -m launch.compare --config=configs/compare_digits.py --workdir=runs/compare
-	$(BIN)/python -m jaxforget.report runs/compare/report.json --readme
+	$(BIN)/python -m launch.report runs/compare/report.json --readme
 
 # Lint, then the whole suite (doctests of the package, tests, notebooks) on 2 workers.
 test: install

@@ -3,7 +3,7 @@ import setuptools
 
 setuptools.setup(
     name="jaxforget",
-    version="0.1.0",
+    version="0.2.0",
     description="Forget chosen training samples from JAX/Flax classifiers and measure it against retraining.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

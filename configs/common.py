@@ -1,8 +1,11 @@
-"""Shared helpers for config files: ``--config=file.py:quick,requests=3`` argument parsing."""
+"""Shared helpers for config files: ``--config=file.py:quick,requests=3`` argument parsing, shared models."""
 
 from __future__ import annotations
 
 import ml_collections
+
+#: The MLP 64-128-128-10 (Leaky-ReLU 0.01) every digits config starts from.
+DIGITS_MLP = dict(name="mlp", hidden=(128, 128), num_classes=10, activation="leaky_relu", leaky_slope=0.01)
 
 
 def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:

@@ -1,11 +1,13 @@
 """jaxforget: forget chosen training samples from JAX/Flax image classifiers, judged against retraining.
 
-Flat public API; the modules are importable directly too (``from jaxforget import kernels``).
+Flat public API; the modules are importable directly too (``from jaxforget import kernels``). Methods live in
+:mod:`jaxforget.methods` behind one contract and a registry: ``jaxforget.get_method(name)``.
 """
 
 from jaxforget import (
     checkpoint,
     compat,
+    config,
     data,
     distributional,
     errors,
@@ -14,16 +16,20 @@ from jaxforget import (
     kernels,
     ledger,
     mesh,
+    methods,
     mia,
-    mixed_linear,
     models,
     oracle,
     report,
+    solvers,
+    timing,
     train,
+    workflow,
 )
 from jaxforget.errors import (
     AlreadyForgottenError,
     CGNotConvergedError,
+    ConfigError,
     CoreIdsError,
     DirectSolveError,
     DuplicateIdsError,
@@ -32,25 +38,15 @@ from jaxforget.errors import (
     ShapeDtypeError,
     UnknownIdsError,
 )
-from jaxforget.mixed_linear import MixedLinear, MixedLinearState, default_method_config
+from jaxforget.methods import METHODS, ForgetInfo, Ledger, Method, build, get_method
+from jaxforget.methods.mixed_linear import MixedLinear, MixedLinearState, default_method_config
 
-__version__ = "0.1.0"
-
-# The method registry: name -> method class with init / forget / predict. Later methods add one entry.
-METHODS = {"mixed_linear": MixedLinear}
-
-
-def get_method(name: str):
-    """The method class registered under ``name``; ``KeyError`` lists the valid names."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise KeyError(f"Unknown method {name!r}; valid: {', '.join(sorted(METHODS))}.") from None
-
+__version__ = "0.2.0"
 
 __all__ = [
-    "METHODS", "AlreadyForgottenError", "CGNotConvergedError", "CoreIdsError", "DirectSolveError", "DuplicateIdsError",
-    "EmptyRequestError", "MixedLinear", "MixedLinearState", "NonFiniteError", "ShapeDtypeError", "UnknownIdsError",
-    "checkpoint", "compat", "data", "default_method_config", "distributional", "errors", "evaluate", "experiment",
-    "get_method", "kernels", "ledger", "mesh", "mia", "mixed_linear", "models", "oracle", "report", "train",
+    "METHODS", "AlreadyForgottenError", "CGNotConvergedError", "ConfigError", "CoreIdsError", "DirectSolveError",
+    "DuplicateIdsError", "EmptyRequestError", "ForgetInfo", "Ledger", "Method", "MixedLinear", "MixedLinearState",
+    "NonFiniteError", "ShapeDtypeError", "UnknownIdsError", "build", "checkpoint", "compat", "config", "data",
+    "default_method_config", "distributional", "errors", "evaluate", "experiment", "get_method", "kernels", "ledger",
+    "mesh", "methods", "mia", "models", "oracle", "report", "solvers", "timing", "train", "workflow",
 ]

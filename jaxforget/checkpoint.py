@@ -52,3 +52,20 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def restore_latest(directory: str, like: PyTree) -> tuple[PyTree, dict, int]:
+    """``(state, meta, step)`` of the newest complete step under ``directory``.
+
+    Raises:
+      FileNotFoundError: no complete step there.
+    """
+    ckpt = Checkpointer(directory, max_to_keep=None)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint under {directory}.")
+        state, meta = ckpt.restore(step, like)
+    finally:
+        ckpt.close()
+    return state, meta, step

@@ -69,6 +69,20 @@ def auto_axis_types(n_axes: int):
     return (axis_type.Auto,) * n_axes
 
 
+#: The ``jax.monitoring`` duration event recorded once per XLA compilation (jax._src.dispatch).
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def add_duration_listener(callback) -> None:
+    """Registers ``callback(event, seconds, **metadata)`` for every ``jax.monitoring`` duration event."""
+    jax.monitoring.register_event_duration_secs_listener(callback)
+
+
+def remove_duration_listener(callback) -> None:
+    """Unregisters a callback of :func:`add_duration_listener`."""
+    jax.monitoring.unregister_event_duration_listener(callback)
+
+
 _blas_controller: threadpoolctl.ThreadpoolController | None = None
 
 
@@ -78,8 +92,8 @@ def host_blas_threads(limit: int | None = 1) -> Iterator[None]:
 
     Both OpenBLAS copies a process holds are covered: numpy's, and SciPy's, which jaxlib's CPU LAPACK
     kernels (Cholesky, LU, triangular solves inside jitted code) call. OpenBLAS worker threads spin for a
-    while after every call, on the very cores XLA's CPU thread pool computes on: measured on 2 CPU cores, a
-    dual forget request on full digits took ~32 ms with them and ~16 ms on one BLAS thread. So requests,
+    while after every call, on the very cores XLA's CPU thread pool computes on, and slow down what XLA computes
+    there (the benchmark JSON of the release that introduced this holds the measurement). So requests,
     and the jobs that time them, run host BLAS on one thread (its work per request is small), while the
     one-off factorisations ask for every core. OpenBLAS reads the count when a call runs, so a computation
     dispatched inside the context must finish inside it.

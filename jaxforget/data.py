@@ -27,15 +27,13 @@ import dataclasses
 import functools
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import ml_collections
 import numpy as np
 import tqdm
 
 from jaxforget import errors
-
-if TYPE_CHECKING:  # pragma: no cover
-    import ml_collections
 
 # Records per ``__getitems__`` call: big enough to amortise the per-call overhead, small enough that a
 # batch of decoded CIFAR/ImageNet-64 images stays a few MB.
@@ -510,7 +508,7 @@ def load_tfds(
     Args:
       name: tfds name, optionally with config/version (``"mnist"``, ``"cifar10:3.0.2"``).
       split: a tfds split string (``"train"``, ``"test"``, ``"train[:10%]"``).
-      data_dir: where the prepared data lives; ``None`` for tfds's default (``~/tensorflow_datasets``).
+      data_dir: where the prepared data lives; ``None`` or ``""`` for tfds's default (``~/tensorflow_datasets``).
       image_key: feature holding ``[H, W, C]`` or ``[H, W]`` images, uint8 (divided by 255) or float
         (taken as is, must lie in ``[0, 1]``).
       label_key: feature holding integer labels; ``num_classes`` comes from its ``ClassLabel`` metadata,
@@ -524,8 +522,9 @@ def load_tfds(
       A :class:`Dataset` named ``"{name}/{split}"``, rows in increasing id order.
 
     Raises:
-      ConfigError: the dataset or split is not found or not prepared as ``array_record``, a key is
-        missing, or a split string combines several splits (``"train+test"``) without an ``id_key``.
+      ConfigError: the dataset is not found or not prepared as ``array_record``; the split string is malformed or
+        names a split the prepared dataset does not have (the message lists the splits that exist); a key is
+        missing; or a split string combines several splits (``"train+test"``) without an ``id_key``.
       ShapeDtypeError: images of differing shapes or unsupported dtype, non-integer labels or ids.
 
     Examples:
@@ -537,10 +536,12 @@ def load_tfds(
 
     if not isinstance(split, str) or not split:
         raise errors.ConfigError(f"split must be a non-empty tfds split string, got {split!r}.")
+    data_dir = data_dir or None  # "" means tfds's default too, as in a config's data section
     where = f"{data_dir!r}" if data_dir is not None else "the default tfds data_dir"
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except (ValueError, NotImplementedError, FileNotFoundError) as e:  # DatasetNotFoundError is a ValueError
+        _raise_split_error(tfds, name, split, data_dir, where, e)
         raise errors.ConfigError(
             f"Cannot read tfds dataset {name!r} split {split!r} from {where}: it must already be prepared in "
             "the array_record format (e.g. `tfds build NAME --file_format=array_record`, or "
@@ -613,6 +614,40 @@ def load_tfds(
     return Dataset(x=x, y=y, ids=ids, num_classes=num_classes, name=f"{name}/{split}")
 
 
+def _prepared_splits(tfds: Any, name: str, data_dir: str | None) -> list[str]:
+    """The split names recorded in a prepared dataset's info (read without TensorFlow); [] if not prepared."""
+    try:
+        splits = tfds.builder(name, data_dir=data_dir).info.splits
+        return [str(s) for s in splits.keys()]
+    except Exception:  # not found, unreadable metadata, ...: nothing is known to be prepared
+        return []
+
+
+def _raise_split_error(tfds: Any, name: str, split: str, data_dir: str | None, where: str, cause: Exception) -> None:
+    """Raises ConfigError if ``split`` is malformed or names a split the prepared dataset lacks; else returns.
+
+    Called only once ``tfds.data_source`` has failed, so reading the builder's metadata costs nothing on success.
+    """
+    try:
+        tfds.core.ReadInstruction.from_spec(split)
+    except (ValueError, NotImplementedError) as e:
+        raise errors.ConfigError(
+            f"Invalid tfds split string {split!r}: expected split names, each optionally sliced, joined by '+' "
+            "(e.g. 'train', 'test[:10%]', 'train[100:200]+test')."
+        ) from e
+    available = _prepared_splits(tfds, name, data_dir)
+    if not available:
+        return  # not prepared (or not readable): the caller's "must be prepared" message applies
+    asked = [part.split("[", 1)[0].strip() for part in split.split("+")]
+    unknown = [s for s in asked if s not in available and s != "all"]
+    if unknown:
+        raise errors.ConfigError(
+            f"tfds dataset {name!r} in {where} has no split {', '.join(map(repr, unknown))} (asked for "
+            f"split={split!r}); the splits that exist are {available}. Slices and sums of them are accepted, "
+            "e.g. 'train[:10%]' or 'train+test'."
+        ) from cause
+
+
 def _record_ids(source: Any, split: str) -> np.ndarray:
     """Positions of a split's records within their whole named split, as int64 ids.
 
@@ -646,61 +681,75 @@ def _record_ids(source: Any, split: str) -> np.ndarray:
     return ids
 
 
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of a job's ``data`` section, with defaults (only the fields of ``name`` are read).
+
+    ``name``: a key of :data:`DATASETS`. Splits: ``seed``, ``test_fraction`` (held out unless a tfds ``test_split``
+    is given), ``core_fraction`` (of each class of the training split: never forgotten). ``synthetic``: ``n``,
+    ``image_shape``, ``num_classes``. ``tfds``: ``tfds_name``, ``data_dir`` ("" for tfds's default),
+    ``train_split``, ``test_split`` ("" to split the train split three ways), ``image_key``, ``label_key``,
+    ``id_key`` ("" for record positions) and ``max_examples`` (0: all).
+    """
+    return ml_collections.ConfigDict(dict(
+        name="digits", seed=0, test_fraction=0.2, core_fraction=0.3,
+        n=1000, image_shape=(32, 32, 3), num_classes=10,
+        tfds_name="", data_dir="", train_split="train", test_split="", image_key="image", label_key="label",
+        id_key="", max_examples=0,
+    ))
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks a ``data`` section: exactly the fields of :func:`default_config`, valid values for its ``name``.
+
+    Raises:
+      KeyError: unknown ``name`` (the valid names are listed). ConfigError: an unknown, missing or invalid field.
+    """
+    want = default_config()
+    have = set(config.keys())
+    if have - set(want.keys()):
+        raise errors.ConfigError(f"data: unknown config field(s) {sorted(have - set(want.keys()))}; valid: "
+                                 f"{sorted(want.keys())}.")
+    if set(want.keys()) - have:
+        raise errors.ConfigError(f"data: missing config field(s) {sorted(set(want.keys()) - have)}.")
+    if config.name not in DATASETS:
+        raise KeyError(f"Unknown dataset name {config.name!r}; valid names: {sorted(DATASETS)}.")
+    _check_int(config.seed, "data.seed", minimum=0)
+    _check_fraction(config.test_fraction, "data.test_fraction")
+    _check_fraction(config.core_fraction, "data.core_fraction")
+    if config.name == "synthetic":
+        _check_int(config.n, "data.n", minimum=2)
+        _check_int(config.num_classes, "data.num_classes", minimum=2)
+    if config.name == "tfds":
+        if not config.tfds_name:
+            raise errors.ConfigError("data.tfds_name is required when data.name='tfds'.")
+        _check_int(config.max_examples, "data.max_examples", minimum=0)
+        for field in ("tfds_name", "data_dir", "train_split", "test_split", "image_key", "label_key", "id_key"):
+            if not isinstance(config[field], str):
+                raise errors.ConfigError(f"data.{field} must be a string, got {config[field]!r}.")
+
+
 def _digits_splits(config: ml_collections.ConfigDict) -> Splits:
-    return make_splits(
-        load_digits(),
-        test_fraction=config.get("test_fraction", 0.2),
-        core_fraction=config.get("core_fraction", 0.3),
-        seed=config.get("seed", 0),
-    )
+    return make_splits(load_digits(), test_fraction=config.test_fraction, core_fraction=config.core_fraction,
+                       seed=config.seed)
 
 
 def _synthetic_splits(config: ml_collections.ConfigDict) -> Splits:
-    if config.get("n") is None:
-        raise errors.ConfigError(
-            "data.n (number of synthetic images) is required when data.name='synthetic'."
-        )
-    ds = synthetic(
-        config.get("n"),
-        image_shape=tuple(config.get("image_shape", (32, 32, 3))),
-        num_classes=config.get("num_classes", 10),
-        seed=config.get("seed", 0),
-    )
-    return make_splits(
-        ds,
-        test_fraction=config.get("test_fraction", 0.2),
-        core_fraction=config.get("core_fraction", 0.3),
-        seed=config.get("seed", 0),
-    )
+    ds = synthetic(config.n, image_shape=tuple(config.image_shape), num_classes=config.num_classes, seed=config.seed)
+    return make_splits(ds, test_fraction=config.test_fraction, core_fraction=config.core_fraction, seed=config.seed)
 
 
 def _tfds_splits(config: ml_collections.ConfigDict) -> Splits:
-    tfds_name = config.get("tfds_name")
-    if not tfds_name:
-        raise errors.ConfigError("data.tfds_name is required when data.name='tfds'.")
-    kwargs = dict(
-        data_dir=config.get("data_dir"),
-        image_key=config.get("image_key", "image"),
-        label_key=config.get("label_key", "label"),
-        id_key=config.get("id_key"),
-        max_examples=config.get("max_examples"),
-    )
-    train = load_tfds(tfds_name, split=config.get("train_split", "train"), **kwargs)
-    test_split = config.get("test_split")
-    if not test_split:
-        return make_splits(
-            train,
-            test_fraction=config.get("test_fraction", 0.2),
-            core_fraction=config.get("core_fraction", 0.3),
-            seed=config.get("seed", 0),
-        )
-    test = load_tfds(tfds_name, split=test_split, **kwargs)
+    kwargs = dict(data_dir=config.data_dir or None, image_key=config.image_key, label_key=config.label_key,
+                  id_key=config.id_key or None, max_examples=config.max_examples or None)
+    train = load_tfds(config.tfds_name, split=config.train_split, **kwargs)
+    if not config.test_split:
+        return make_splits(train, test_fraction=config.test_fraction, core_fraction=config.core_fraction,
+                           seed=config.seed)
+    test = load_tfds(config.tfds_name, split=config.test_split, **kwargs)
     if train.num_classes != test.num_classes:  # only without ClassLabel metadata: inferred from max label
         k = max(train.num_classes, test.num_classes)
         train, test = dataclasses.replace(train, num_classes=k), dataclasses.replace(test, num_classes=k)
-    return _split_core_user(
-        train, test, core_fraction=config.get("core_fraction", 0.3), seed=config.get("seed", 0)
-    )
+    return _split_core_user(train, test, core_fraction=config.core_fraction, seed=config.seed)
 
 
 DATASETS: dict[str, Callable[[ml_collections.ConfigDict], Splits]] = {
@@ -711,24 +760,20 @@ DATASETS: dict[str, Callable[[ml_collections.ConfigDict], Splits]] = {
 
 
 def get_splits(config: ml_collections.ConfigDict) -> Splits:
-    """Builds the :class:`Splits` described by a config's ``data`` section.
+    """Builds the :class:`Splits` described by a config's ``data`` section (:func:`default_config`).
 
-    Fields: ``name`` (a key of :data:`DATASETS`), ``seed``, ``test_fraction``, ``core_fraction``; for
-    ``"synthetic"``: ``n``, ``image_shape``, ``num_classes``; for ``"tfds"``: ``tfds_name``, ``data_dir``,
-    ``train_split``, ``test_split`` and optionally ``image_key``, ``label_key``, ``id_key``,
-    ``max_examples``. With a ``test_split`` that split is the test set and only the train split is divided
-    into core and user; without one, the train split is split three ways as in :func:`make_splits`.
-    Missing optional fields take :func:`make_splits`'s defaults.
+    With a tfds ``test_split`` that split is the test set and only the train split is divided into core and user;
+    without one, the train split is split three ways as in :func:`make_splits`.
 
     Args:
-      config: the ``data`` section (an ``ml_collections.ConfigDict``; a plain dict works too).
+      config: the ``data`` section; it may name only some fields (the rest take :func:`default_config`'s values).
 
     Returns:
       The :class:`Splits`.
 
     Raises:
       KeyError: unknown ``name``; the message lists the valid names.
-      ConfigError: missing or invalid fields, or an unprepared tfds dataset.
+      ConfigError: unknown or invalid fields, or an unprepared tfds dataset.
 
     Examples:
       >>> import ml_collections
@@ -738,10 +783,21 @@ def get_splits(config: ml_collections.ConfigDict) -> Splits:
       >>> len(s.train), len(s.test), s.train.image_shape
       (80, 20, (4, 4, 1))
     """
-    name = config.get("name")
-    if name not in DATASETS:
-        raise KeyError(f"Unknown dataset name {name!r}; valid names: {sorted(DATASETS)}.")
-    return DATASETS[name](config)
+    full = default_config()
+    given = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    unknown = sorted(set(given) - set(full.keys()))
+    if unknown:
+        raise errors.ConfigError(f"data: unknown config field(s) {unknown}; valid: {sorted(full.keys())}.")
+    for key, value in given.items():
+        try:
+            full[key] = value
+        except TypeError as e:  # ConfigDict keeps each field's type; name the field rather than re-raise as is
+            raise errors.ConfigError(
+                f"data.{key} must be of type {type(full[key]).__name__} (default {full[key]!r}), got {value!r} of "
+                f"type {type(value).__name__}."
+            ) from e
+    validate_config(full)
+    return DATASETS[full.name](full)
 
 
 def batch_indices(
@@ -780,6 +836,25 @@ def batch_indices(
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     stop = n - n % batch_size if drop_last else n
     return [order[i : i + batch_size].astype(np.int64) for i in range(0, stop, batch_size)]
+
+
+def draw_disjoint(ids, num: int, size: int, *, seed: int) -> list[np.ndarray]:
+    """``num`` disjoint, sorted draws of ``size`` ids each, from a fixed-seed permutation of ``ids``.
+
+    The one id-draw helper: forget requests of a planned stream, a comparison's request and its warm-up request.
+
+    Raises:
+      ValueError: ``num × size`` exceeds the ids available (both named).
+
+    Examples:
+      >>> [d.tolist() for d in draw_disjoint(np.arange(10), 2, 3, seed=0)]
+      [[2, 4, 6], [3, 5, 7]]
+    """
+    ids = np.asarray(ids)
+    if num * size > len(ids):
+        raise ValueError(f"{num} draw(s) of {size} ids exceed the {len(ids)} ids available.")
+    order = np.random.default_rng(seed).permutation(ids)
+    return [np.sort(order[k * size : (k + 1) * size]) for k in range(num)]
 
 
 def pad_to_multiple(n: int, multiple: int) -> int:

@@ -208,6 +208,22 @@ def _ravel64(tree: PyTree) -> tuple[np.ndarray, list[tuple[int, ...]]]:
     return np.concatenate([leaf.astype(np.float64).ravel() for leaf in leaves]), shapes
 
 
+def unravel64(flat, like: PyTree) -> PyTree:
+    """A host float64 pytree shaped like ``like`` from its ravelled leaves (the inverse of ``_ravel64``).
+
+    Examples:
+      >>> unravel64(np.arange(3.0), {"a": np.zeros(2), "b": np.zeros(1)})["b"].tolist()
+      [2.0]
+    """
+    flat = np.asarray(flat, np.float64)
+    leaves, treedef = jax.tree.flatten(like)
+    sizes = [int(np.size(leaf)) for leaf in leaves]
+    if sum(sizes) != flat.size:
+        raise errors.ShapeDtypeError(f"unravel64: {flat.size} values for a tree of {sum(sizes)}.")
+    parts = np.split(flat, np.cumsum(sizes)[:-1]) if leaves else []
+    return treedef.unflatten([p.reshape(np.shape(leaf)) for p, leaf in zip(parts, leaves, strict=True)])
+
+
 def weight_distance(weights: PyTree, reference: PyTree, original: PyTree | None = None) -> dict[str, float | None]:
     r"""Distances in weight space to the retrained model, host float64 (§4, Thudi et al.'s verification error).
 
@@ -259,6 +275,25 @@ def weight_distance(weights: PyTree, reference: PyTree, original: PyTree | None 
         else:
             out["relative_to_original"] = 0.0 if dist == 0 else float("inf")
     return out
+
+
+def kl_proxy(w_pre_noise: PyTree, w_oracle: PyTree, sigma: float, c: float = 1.0) -> float:
+    r"""Isotropic-Gaussian KL proxy :math:`\mathrm{KL}(N(m, c\sigma^2 I)\,\|\,N(w^*, \sigma^2 I))` in nats.
+
+    .. math::  \tfrac12\left[d(c - 1 - \ln c) + \lVert m - w^*\rVert^2/\sigma^2\right]
+
+    With an exact solver ``c = 1`` and ``m`` is the pre-noise weight vector. ``σ = 0`` gives ``inf``
+    unless ``m = w*``.
+
+    Examples:
+      >>> kl_proxy({"w": np.array([1.0, 0.0])}, {"w": np.zeros(2)}, sigma=0.5)
+      2.0
+    """
+    d = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(w_pre_noise))
+    dist2 = weight_distance(w_pre_noise, w_oracle)["l2"] ** 2  # host float64, any input dtypes
+    if sigma == 0:
+        return 0.0 if dist2 == 0 else float("inf")
+    return float(0.5 * (d * (c - 1 - np.log(c)) + dist2 / sigma**2))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,18 +1,20 @@
 """The shared numerical kernels every jaxforget method calls.
 
-* Tree math at ``HIGHEST`` precision without ravelling (as optax's ``tree.vdot``): CG inner products on
-  sharded pytrees stay sharded, and GPU float32 matmuls never fall back to TF32.
+* Tree math comes from ``optax.tree`` (``vdot`` at ``HIGHEST`` precision, so GPU float32 inner products never
+  fall back to TF32; ``norm``, ``add_scale``, ``cast``, ``random_like``...) and ravelling from
+  ``jax.flatten_util.ravel_pytree``; this module adds what they do not provide.
 * Parameter splits (frozen prefix vs linearized suffix) and the linearized model
   ``f(x; w_u) = f_core(x) + J_core(x) w_u`` through ``jax.jvp``.
 * Curvature products, all matrix-free: Gauss-Newton ``Σ J_iᵀ H_out J_i v`` (jvp + transpose),
   Hessian-vector products (forward-over-reverse), empirical-Fisher products (one jvp and one vjp, no
-  per-example gradient stored), and per-example gradients by ``vmap(grad)``.
+  per-example gradient stored), per-example gradients by ``vmap(grad)``, and per-example Jacobians.
 * A pytree (preconditioned) conjugate-gradient solver written with ``lax.while_loop`` that reports
   iterations and the *true* final residual, with residual replacement so float32 drift cannot fake
-  convergence; and power iteration for the largest eigenvalue.
+  convergence.
 
-Nothing here materialises a P×P matrix. Sums over a dataset are composed with
-:func:`jaxforget.mesh.data_parallel_sum`.
+Solvers built on these (Newton-CG, its mixed-precision refinement, the Nyström preconditioner, direct
+Woodbury / Schur removal) live in :mod:`jaxforget.solvers`. Nothing here materialises a P×P matrix. Sums over a
+dataset are composed with :func:`jaxforget.mesh.data_parallel_sum`.
 """
 
 from __future__ import annotations
@@ -24,92 +26,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import traverse_util
+from jax.flatten_util import ravel_pytree
 
 from jaxforget import errors
 
 PyTree = Any
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
-
-# --------------------------------------------------------------------------------------------------
-# Tree math
-# --------------------------------------------------------------------------------------------------
-
-
-def tree_vdot(a: PyTree, b: PyTree) -> Array:
-    r"""Real inner product :math:`\sum_\ell \langle a_\ell, b_\ell \rangle` of two pytrees at HIGHEST precision.
-
-    Uses ``tensordot`` per leaf rather than ``jnp.vdot``, which ravels (a copy, and communication on
-    sharded arrays).
-
-    Args:
-      a, b: pytrees of the same structure and shapes.
-
-    Returns:
-      A scalar in the leaves' (promoted) dtype.
-
-    Examples:
-      >>> float(tree_vdot({"w": jnp.ones((2, 3))}, {"w": 2 * jnp.ones((2, 3))}))
-      12.0
-    """
-    parts = jax.tree.leaves(
-        jax.tree.map(lambda x, y: jnp.tensordot(x, y, axes=x.ndim, precision=HIGHEST), a, b)
-    )
-    return sum(parts[1:], parts[0])
-
-
-def tree_add(a: PyTree, b: PyTree) -> PyTree:
-    """Leafwise ``a + b``."""
-    return jax.tree.map(jnp.add, a, b)
-
-
-def tree_sub(a: PyTree, b: PyTree) -> PyTree:
-    """Leafwise ``a - b``."""
-    return jax.tree.map(jnp.subtract, a, b)
-
-
-def tree_scale(s: Array | float, a: PyTree) -> PyTree:
-    """Leafwise ``s * a`` for a scalar ``s`` (cast to each leaf's dtype)."""
-    return jax.tree.map(lambda x: jnp.asarray(s, x.dtype) * x, a)
-
-
-def tree_axpy(alpha: Array | float, x: PyTree, y: PyTree) -> PyTree:
-    """Leafwise ``alpha * x + y``."""
-    return jax.tree.map(lambda u, v: jnp.asarray(alpha, u.dtype) * u + v, x, y)
-
-
-def tree_zeros_like(a: PyTree) -> PyTree:
-    """Zeros with the structure, shapes and dtypes of ``a``."""
-    return jax.tree.map(jnp.zeros_like, a)
-
-
-def tree_norm(a: PyTree) -> Array:
-    """Euclidean norm of a pytree seen as one vector."""
-    return jnp.sqrt(tree_vdot(a, a))
-
-
-def tree_size(a: PyTree) -> int:
-    """Number of scalars in a pytree."""
-    return sum(int(x.size) for x in jax.tree.leaves(a))
-
-
-def tree_cast(a: PyTree, dtype) -> PyTree:
-    """Casts every floating leaf to ``dtype`` (integer leaves are kept)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, a)
-
-
-def tree_random_normal(key: Array, like: PyTree) -> PyTree:
-    """Standard-normal noise shaped like ``like``, one independent key per leaf."""
-    leaves, treedef = jax.tree.flatten(like)
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)])
-
-
-def tree_ravel(a: PyTree) -> Array:
-    """Concatenates all leaves into one vector (small problems and dense references only)."""
-    return tree_ravel_with_unravel(a)[0]
-
 
 # --------------------------------------------------------------------------------------------------
 # Parameter splits and the linearized model
@@ -278,7 +203,7 @@ def fisher_matvec_sum(
 
 
 # --------------------------------------------------------------------------------------------------
-# Conjugate gradient and power iteration
+# Conjugate gradient
 # --------------------------------------------------------------------------------------------------
 
 
@@ -350,8 +275,8 @@ def cg_solve(
       Hestenes & Stiefel (1952); Golatkar et al., Mixed-Privacy Forgetting, CVPR 2021, eq. 11.
     """
     precond = precond if precond is not None else (lambda r: r)
-    x = tree_zeros_like(b) if x0 is None else x0
-    b_norm = tree_norm(b)
+    x = optax.tree.zeros_like(b) if x0 is None else x0
+    b_norm = optax.tree.norm(b)
     dtype = b_norm.dtype
     threshold = jnp.maximum(jnp.asarray(tol, dtype) * b_norm, jnp.asarray(atol, dtype))
     maxiter = jnp.asarray(maxiter, jnp.int32)
@@ -360,30 +285,30 @@ def cg_solve(
         """Whether ``x`` is still farther from ``x_ref`` than ``ref_tol`` (always, without a reference)."""
         if x_ref is None:
             return jnp.asarray(True)
-        return tree_norm(tree_sub(x, x_ref)) > jnp.asarray(ref_tol, dtype) * tree_norm(x_ref)
+        return optax.tree.norm(optax.tree.sub(x, x_ref)) > jnp.asarray(ref_tol, dtype) * optax.tree.norm(x_ref)
 
     def true_residual(x):
-        return tree_sub(b, matvec(x))
+        return optax.tree.sub(b, matvec(x))
 
     def inner(carry):
         """Plain PCG from the current x and its true residual, until the recursive residual passes."""
         x, r, k = carry
         z = precond(r)
-        state = (x, r, z, z, tree_vdot(r, z), k)
+        state = (x, r, z, z, optax.tree.vdot(r, z), k)
 
         def cond(s):
             x, r, _, _, _, k = s
-            return (tree_norm(r) > threshold) & (k < maxiter) & far(x)
+            return (optax.tree.norm(r) > threshold) & (k < maxiter) & far(x)
 
         def body(s):
             x, r, z, p, rz, k = s
             ap = matvec(p)
-            alpha = rz / tree_vdot(p, ap)
-            x = tree_axpy(alpha, p, x)
-            r = tree_axpy(-alpha, ap, r)
+            alpha = rz / optax.tree.vdot(p, ap)
+            x = optax.tree.add_scale(x, alpha, p)
+            r = optax.tree.add_scale(r, -alpha, ap)
             z = precond(r)
-            rz_new = tree_vdot(r, z)
-            p = tree_axpy(rz_new / rz, p, z)
+            rz_new = optax.tree.vdot(r, z)
+            p = optax.tree.add_scale(z, rz_new / rz, p)
             return x, r, z, p, rz_new, k + 1
 
         x, _, _, _, _, k = jax.lax.while_loop(cond, body, state)
@@ -391,7 +316,7 @@ def cg_solve(
 
     def outer_cond(s):
         x, r, k, restarts = s
-        return (tree_norm(r) > threshold) & (k < maxiter) & (restarts <= max_restarts) & far(x)
+        return (optax.tree.norm(r) > threshold) & (k < maxiter) & (restarts <= max_restarts) & far(x)
 
     def outer_body(s):
         x, r, k, restarts = s
@@ -402,7 +327,7 @@ def cg_solve(
     x, r, k, restarts = jax.lax.while_loop(
         outer_cond, outer_body, (x, r0, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
     )
-    res = tree_norm(r)
+    res = optax.tree.norm(r)
     rel = jnp.where(b_norm > 0, res / jnp.where(b_norm > 0, b_norm, 1), res)
     info = CGInfo(
         iterations=k,
@@ -429,7 +354,7 @@ def check_converged(info: CGInfo, *, what: str = "CG solve", on_fail: str = "rai
     if on_fail not in ("raise", "warn"):
         raise errors.ConfigError(f"on_fail must be 'raise' or 'warn', got {on_fail!r}.")
     res = float(info.residual_norm)
-    if not jnp.isfinite(res):
+    if not np.isfinite(res):
         raise errors.NonFiniteError(f"{what}: the residual is not finite ({res}); inputs or weights contain NaN/Inf.")
     if bool(info.converged):
         return
@@ -443,125 +368,8 @@ def check_converged(info: CGInfo, *, what: str = "CG solve", on_fail: str = "rai
     warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
 
-def power_iteration(
-    matvec: Callable[[PyTree], PyTree], v0: PyTree, num_iters: int = 100
-) -> tuple[Array, PyTree]:
-    r"""Largest eigenvalue of a symmetric PSD operator by power iteration.
-
-    Returns the Rayleigh quotient :math:`v^\top A v` of the final unit iterate, and the iterate.
-
-    Examples:
-      >>> lam, _ = power_iteration(lambda v: jnp.diag(jnp.array([1., 5., 2.])) @ v, jnp.ones(3), 50)
-      >>> round(float(lam), 4)
-      5.0
-    """
-
-    def body(_, v):
-        w = matvec(v)
-        return tree_scale(1.0 / tree_norm(w), w)
-
-    v = jax.lax.fori_loop(0, num_iters, body, tree_scale(1.0 / tree_norm(v0), v0))
-    return tree_vdot(v, matvec(v)), v
-
-
 # --------------------------------------------------------------------------------------------------
-# Randomized Nyström preconditioner
-# --------------------------------------------------------------------------------------------------
-
-
-class Nystrom(NamedTuple):
-    """A rank-r Nyström approximation ``A ≈ U diag(lam) Uᵀ`` of a PSD operator, in ravelled coordinates.
-
-    Attributes:
-      u: ``[P, r]`` orthonormal columns.
-      lam: ``[r]`` non-negative eigenvalue estimates, descending.
-    """
-
-    u: Array
-    lam: Array
-
-
-def nystrom_sketch(
-    matvec: Callable[[PyTree], PyTree], like: PyTree, rank: int, key: Array, *, chunk: int = 16
-) -> Nystrom:
-    r"""Randomized Nyström approximation of a PSD operator from ``rank`` products.
-
-    With a Gaussian test matrix :math:`\Omega` (orthonormalised), :math:`Y = A\Omega` and a small shift
-    :math:`\nu` for stability, :math:`A \approx Y_\nu (\Omega^\top Y_\nu)^{-1} Y_\nu^\top - \nu I`, factored
-    by a Cholesky and a thin SVD. Only ``[P, rank]`` arrays are formed, never ``[P, P]``.
-
-    Args:
-      matvec: ``v ↦ A v`` for a PSD ``A`` (e.g. the Gauss-Newton data term, without damping).
-      like: a pytree with the structure of ``v``.
-      rank: sketch size ``r`` (number of products).
-      key: PRNG key of the test matrix.
-      chunk: products evaluated together (``lax.map`` batch size).
-
-    Returns:
-      A :class:`Nystrom` factorisation.
-
-    Examples:
-      >>> a = jnp.diag(jnp.array([100.0, 10.0, 1.0, 0.0]))
-      >>> nys = nystrom_sketch(lambda v: a @ v, jnp.zeros(4), rank=4, key=jax.random.key(0))
-      >>> [round(float(x), 2) for x in nys.lam[:3]]
-      [100.0, 10.0, 1.0]
-
-    References:
-      Frangella, Tropp & Udell, Randomized Nyström Preconditioning, SIAM J. Matrix Anal. Appl. 2023, Alg. 2.1.
-    """
-    flat, unravel = tree_ravel_with_unravel(like)
-    p = flat.shape[0]
-    omega = jax.random.normal(key, (p, rank), flat.dtype)
-    omega, _ = jnp.linalg.qr(omega)
-    apply_col = lambda col: tree_ravel_with_unravel(matvec(unravel(col)))[0]
-    y = jax.lax.map(apply_col, omega.T, batch_size=chunk).T  # [P, r]
-    nu = jnp.sqrt(jnp.asarray(p, flat.dtype)) * jnp.finfo(flat.dtype).eps * jnp.linalg.norm(y)
-    y_nu = y + nu * omega
-    chol = jnp.linalg.cholesky(jnp.matmul(omega.T, y_nu, precision=HIGHEST))
-    b = jax.scipy.linalg.solve_triangular(chol, y_nu.T, lower=True).T  # Y_ν C^{-T}
-    u, s, _ = jnp.linalg.svd(b, full_matrices=False)
-    return Nystrom(u=u, lam=jnp.maximum(s**2 - nu, 0.0))
-
-
-def nystrom_precond(nys: Nystrom, mu: Array | float) -> Callable[[PyTree], PyTree]:
-    r"""The inverse preconditioner :math:`P^{-1} r` for :math:`A + \mu I` from a Nyström factorisation.
-
-    .. math::  P^{-1} = (\lambda_r + \mu)\, U (\Lambda + \mu I)^{-1} U^\top + (I - U U^\top)
-
-    It maps the top-r eigendirections to ≈ 1 and leaves the rest scaled by 1, so the preconditioned
-    system's condition number is about :math:`(\lambda_{r} + \mu)/\mu` instead of :math:`(\lambda_1 + \mu)/\mu`.
-    """
-
-    def apply(r_tree):
-        r, unravel = tree_ravel_with_unravel(r_tree)
-        mu_ = jnp.asarray(mu, r.dtype)
-        # r @ U, not Uᵀ @ r: XLA:CPU runs the transposed matvec ~8x slower (17 vs 2 ms at P = 26k, r = 400).
-        coef = jnp.matmul(r, nys.u, precision=HIGHEST)
-        scaled = coef * ((nys.lam[-1] + mu_) / (nys.lam + mu_))
-        return unravel(r + jnp.matmul(nys.u, scaled - coef, precision=HIGHEST))
-
-    return apply
-
-
-def tree_ravel_with_unravel(tree: PyTree) -> tuple[Array, Callable[[Array], PyTree]]:
-    """``(vector, unravel)``: all leaves concatenated, and the map back to the tree's structure."""
-    leaves, treedef = jax.tree.flatten(tree)
-    shapes = [leaf.shape for leaf in leaves]
-    sizes = [leaf.size for leaf in leaves]
-    flat = jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
-
-    def unravel(vec):
-        parts, start = [], 0
-        for shape, size in zip(shapes, sizes, strict=True):
-            parts.append(vec[start : start + size].reshape(shape))
-            start += size
-        return treedef.unflatten(parts)
-
-    return flat, unravel
-
-
-# --------------------------------------------------------------------------------------------------
-# Direct solves: Gram matrices of the linearized least-squares problem and exact row removal
+# Per-example Jacobians (the rows of the linearized least-squares problem)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -569,7 +377,7 @@ def per_example_jacobian(f_one: Callable[[PyTree, Array], Array], primal: PyTree
     r"""Per-example output Jacobians :math:`J_i = \partial f(x_i)/\partial w`, ravelled: ``[B, K, P]``.
 
     One reverse pass per output (``K`` VJPs) per example; the column order is that of
-    :func:`tree_ravel` on ``primal``.
+    ``jax.flatten_util.ravel_pytree`` on ``primal``.
 
     Args:
       f_one: ``(params, x) -> [K]`` outputs of a single example ``x`` (no batch axis).
@@ -603,148 +411,6 @@ def jacobian_times(f: Callable[[PyTree], Array], primal: PyTree, tangents: Array
       primal: linearisation point.
       tangents: ``[T, P]`` ravelled tangent vectors.
     """
-    _, unravel = tree_ravel_with_unravel(primal)
+    _, unravel = ravel_pytree(primal)
     jv = lambda t: jax.jvp(f, (primal,), (unravel(t),))[1]
     return jax.vmap(jv, out_axes=-1)(tangents)
-
-
-def spd_cholesky(matrix: Array) -> Array:
-    r"""Lower Cholesky factor ``L`` (``LLᵀ = matrix``) of a symmetric positive-definite matrix.
-
-    A matrix that is not numerically positive definite comes back with NaNs (callers check).
-
-    Examples:
-      >>> spd_cholesky(jnp.array([[4.0, 2.0], [2.0, 2.0]])).tolist()
-      [[2.0, 0.0], [1.0, 1.0]]
-    """
-    return jnp.linalg.cholesky(matrix)
-
-
-def cholesky_solve(chol: Array, rhs: Array) -> Array:
-    """``(LLᵀ)⁻¹ rhs`` for ``rhs: [m]`` or ``[m, k]`` by two triangular solves (``2m²k`` flops)."""
-    return jax.scipy.linalg.cho_solve((chol, True), rhs)
-
-
-def cholesky_inverse(chol: Array) -> Array:
-    r"""The explicit inverse :math:`(LL^\top)^{-1}` of an SPD matrix from its lower Cholesky factor ``L``.
-
-    On CPU LAPACK's ``potri`` (``~2m³/3`` flops, in place on a host copy); elsewhere two triangular solves
-    against the identity (``2m³`` flops, but at accelerator speed and without a host round trip).
-
-    Raises:
-      DirectSolveError: LAPACK reports a singular factor.
-
-    Examples:
-      >>> cholesky_inverse(jnp.array([[2.0, 0.0], [1.0, 1.0]])).tolist()  # L Lᵀ = [[4, 2], [2, 2]]
-      [[0.5, -0.5], [-0.5, 1.0]]
-    """
-    if jax.default_backend() != "cpu":
-        return cholesky_solve(chol, jnp.eye(chol.shape[0], dtype=chol.dtype))
-    from scipy.linalg import lapack  # pylint: disable=import-outside-toplevel
-
-    inv, info = lapack.dpotri(np.array(chol, np.float64, order="F"), lower=1, overwrite_c=1)
-    if info != 0:
-        raise errors.DirectSolveError(f"LAPACK potri failed (info={info}) on a {inv.shape[0]}² Cholesky factor.")
-    return jnp.asarray(np.tril(inv) + np.tril(inv, -1).T)  # potri fills the lower triangle only
-
-
-def dual_remove_rows(inv_rows: Array, a_full: Array, rhs_rows: Array, rows: Array, valid: Array,
-                     num_valid: Array | None = None, *, chunk: int = 64) -> Array:
-    r"""Solution of a linear system after deleting rows and columns ``F``, by the Schur complement.
-
-    For an SPD ``M`` (the dual matrix :math:`JJ^\top + \lambda I` over all rows) and a right-hand side
-    ``t``, the reduced system :math:`M_{RR}\,\alpha_R = t_R` is solved exactly from quantities of the
-    full system. With :math:`C = M^{-1}_{:F}` and :math:`a = M^{-1}t`:
-
-    .. math::  c = (M^{-1}_{FF})^{-1}\,(a_F - M^{-1}_{FF}\, t_F),\qquad
-               \alpha = a - C\,(t_F + c) ,
-
-    and ``α`` vanishes on ``F``. Only the ``|F| × |F|`` block enters the small solve, so the ``[|F|, N]``
-    rows are read once. Cost :math:`O(N|F| + |F|^3)` once the rows of :math:`M^{-1}` at ``F`` are known
-    (``M⁻¹`` is symmetric: its rows are its columns; the caller caches them across requests).
-
-    Args:
-      inv_rows: ``[F, N]`` rows :math:`M^{-1}_{F:}` (padding rows arbitrary: ignored where ``valid`` is False).
-      a_full: ``[N]`` :math:`M^{-1} t`.
-      rhs_rows: ``[F]`` :math:`t_F`.
-      rows: ``[F]`` int indices of the removed rows (padding entries in range).
-      valid: ``[F]`` bool, ``False`` on padding (a padded slot is an identity block: it changes nothing).
-      num_valid: optional int scalar: the valid slots are the first ``num_valid`` (a buffer sized for a whole
-        stream of requests); the ``[F, N]`` product then reads only those rows, ``chunk`` at a time, so that
-        a request costs in proportion to the rows removed so far, not to the buffer's width.
-      chunk: rows per step of that product.
-
-    Returns:
-      ``[N]`` the reduced solution, zero on ``F``.
-
-    Examples:
-      >>> m = jnp.array([[4., 1., 0.], [1., 3., 1.], [0., 1., 2.]]); t = jnp.array([1., 2., 3.])
-      >>> inv = jnp.linalg.inv(m); f = jnp.array([1])
-      >>> alpha = dual_remove_rows(inv[f], inv @ t, t[f], f, jnp.array([True]))
-      >>> bool(jnp.allclose(alpha[jnp.array([0, 2])], jnp.linalg.solve(m[::2, ::2], t[::2]), atol=1e-5))
-      True
-    """
-    # Only the small quantities are masked (the [F, N] rows are never copied): the padded block is an
-    # uncoupled identity with a zero right-hand side, so its coefficients are exactly zero.
-    keep = valid.astype(inv_rows.dtype)
-    block = inv_rows[:, rows] * keep[:, None] * keep[None, :]
-    rhs_f = rhs_rows * keep
-    a_f = (a_full[rows] - jnp.matmul(block, rhs_f, precision=HIGHEST)) * keep
-    coef = jnp.linalg.solve(block + jnp.diag(1.0 - keep), a_f)
-    coef = (rhs_f + coef) * keep
-    if num_valid is None:
-        return a_full - jnp.matmul(coef, inv_rows, precision=HIGHEST)
-    width = inv_rows.shape[0]
-    size = min(chunk, width)
-
-    def step(i, acc):
-        lo = i * size
-        start = jnp.minimum(lo, width - size)  # the last chunk is shifted back in range; its overlap is masked
-        fresh = (start + jnp.arange(size, dtype=start.dtype) >= lo).astype(coef.dtype)
-        part = jax.lax.dynamic_slice_in_dim(coef, start, size) * fresh
-        rows_i = jax.lax.dynamic_slice_in_dim(inv_rows, start, size, axis=0)
-        return acc + jnp.matmul(part, rows_i, precision=HIGHEST)
-
-    return a_full - jax.lax.fori_loop(0, (num_valid + size - 1) // size, step, jnp.zeros_like(a_full))
-
-
-def primal_remove_rows(inv: Array, rhs: Array, jac_rows: Array, target_rows: Array) -> tuple[Array, Array]:
-    r"""The primal system after removing rows, as an inverse update: :math:`(A - J_F^\top J_F)^{-1}`.
-
-    For :math:`A = J^\top J + \lambda I` held as its explicit inverse and :math:`b = J^\top t`, with
-    :math:`U = A^{-1} J_F^\top` and :math:`S = I - J_F U = LL^\top` (positive definite for
-    :math:`\lambda > 0`), Woodbury gives
-
-    .. math::  (A - J_F^\top J_F)^{-1} = A^{-1} + (L^{-1}U^\top)^\top (L^{-1}U^\top),
-               \qquad b_R = b - J_F^\top t_F ,
-
-    symmetric by construction, in :math:`O(P^2|F| + |F|^3)`. A stream of requests applies it to each
-    request's new rows only. When ``|F| > P`` the ``P × P`` form :math:`(I - U J_F)^{-1} A^{-1}` is cheaper
-    (:math:`O(P^2|F| + P^3)`). Zero rows (padding) are identity rows of ``S``: they change nothing.
-
-    Args:
-      inv: ``[P, P]`` :math:`A^{-1}` (symmetric).
-      rhs: ``[P]`` :math:`b`.
-      jac_rows: ``[F, P]`` Jacobian rows of the removed outputs (zeros for padding).
-      target_rows: ``[F]`` their targets (zeros for padding).
-
-    Returns:
-      ``(inv_R [P, P], rhs_R [P])``; the minimiser on the retained rows is ``inv_R @ rhs_R``.
-
-    Examples:
-      >>> j = jnp.array([[1., 0.], [0., 2.], [1., 1.]]); t = jnp.array([1., 2., 3.])
-      >>> a = j.T @ j + 0.5 * jnp.eye(2)
-      >>> inv_r, b_r = primal_remove_rows(jnp.linalg.inv(a), j.T @ t, j[2:], t[2:])
-      >>> bool(jnp.allclose(inv_r @ b_r, jnp.linalg.solve(a - j[2:].T @ j[2:], j[:2].T @ t[:2]), atol=1e-5))
-      True
-    """
-    num_rows, num_params = jac_rows.shape
-    u = jnp.matmul(inv, jac_rows.T, precision=HIGHEST)  # [P, F]
-    rhs_r = rhs - jnp.matmul(target_rows, jac_rows, precision=HIGHEST)
-    if num_rows <= num_params:
-        s = jnp.eye(num_rows, dtype=inv.dtype) - jnp.matmul(jac_rows, u, precision=HIGHEST)
-        v = jax.scipy.linalg.solve_triangular(spd_cholesky(s), u.T, lower=True)  # [F, P]
-        return inv + jnp.matmul(v.T, v, precision=HIGHEST), rhs_r
-    m = jnp.eye(num_params, dtype=inv.dtype) - jnp.matmul(u, jac_rows, precision=HIGHEST)
-    inv_r = jnp.linalg.solve(m, inv)
-    return 0.5 * (inv_r + inv_r.T), rhs_r

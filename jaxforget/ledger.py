@@ -7,6 +7,7 @@ saved in the same checkpoint step as the weights and the two can never diverge.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,7 +49,7 @@ def record(removed_by, positions: np.ndarray, request: int) -> jnp.ndarray:
     """A new ledger with ``positions`` marked as removed by request number ``request`` (≥ 1)."""
     out = np.array(removed_by, dtype=np.int32)  # a host copy: a device scatter costs more than the whole update
     out[np.asarray(positions, dtype=np.int64)] = request
-    return jnp.asarray(out)
+    return jax.device_put(out)  # explicit: requests run under a host-to-device transfer guard
 
 
 def retain_mask(removed_by) -> np.ndarray:

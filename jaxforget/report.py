@@ -17,15 +17,14 @@ import sys
 import tempfile
 
 import numpy as np
-from matplotlib.figure import Figure  # no pyplot: never switches the caller's (e.g. a notebook's) backend
 
 from jaxforget import distributional
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def build(config, meta: dict, *, splits: dict, env: dict) -> dict:
-    """Assembles the report: resolved config, seeds, versions, per-request records and a summary."""
+    """Assembles a forget-job report: resolved config, seeds, versions, per-request records and a summary."""
     requests = meta.get("requests", [])
     summary = {}
     if requests:
@@ -42,8 +41,9 @@ def build(config, meta: dict, *, splits: dict, env: dict) -> dict:
         summary = {
             "num_requests": len(requests),
             "median_forget_seconds": median(("forget", "seconds")),
-            "median_cg_iterations": median(("forget", "iterations")),
-            "max_solver_residual_rel": max(r["solver_residual_rel"] for r in requests),
+            "median_iterations": median(("forget", "iterations")),
+            "median_passes": median(("forget", "passes")),
+            "max_rel_weight_distance": max(r["rel_weight_distance"] for r in requests),
             "max_influence_left": max(r["influence_left"] for r in requests),
             "median_speedup_vs_retrain": {
                 name: median(("speedup_vs_retrain", name)) for name in requests[-1]["speedup_vs_retrain"]
@@ -52,7 +52,8 @@ def build(config, meta: dict, *, splits: dict, env: dict) -> dict:
         }
     return {
         "schema_version": SCHEMA_VERSION,
-        "method": config.get("method_name", "mixed_linear"),
+        "kind": "forget",
+        "method": config.method.name,
         "config": json.loads(config.to_json_best_effort()),
         "seeds": {"run": int(config.seed), "data": int(config.data.seed), "requests": int(config.requests.seed)},
         "environment": env,
@@ -62,15 +63,10 @@ def build(config, meta: dict, *, splits: dict, env: dict) -> dict:
         "requests": requests,
         "summary": summary,
         "recompilations_between_requests": meta.get("recompilations_between_requests"),
-        "preconditioner_build_seconds": meta.get("preconditioner_build_seconds"),
-        "solver_choice": meta.get("solver_choice"),
-        "direct_factor_seconds": meta.get("direct_factor_seconds"),
-        "direct_inverse_seconds": meta.get("direct_inverse_seconds"),
-        "direct_check": meta.get("direct_check"),
-        "solver_memory_bytes": meta.get("solver_memory_bytes"),
+        "compile_seconds_in_requests": meta.get("compile_seconds_in_requests"),
         "peak_host_rss_mib": meta.get("peak_host_rss_mib"),
-        "sigma_sweep": meta.get("sigma_sweep"),
-        "forget_all": meta.get("forget_all"),
+        "method_details": meta.get("method_details"),
+        "method_readouts": meta.get("method_readouts"),
         "resumed_at": meta.get("resumed_at", []),
     }
 
@@ -105,81 +101,75 @@ def write_json(obj: dict, path: str) -> None:
         raise
 
 
-def _save(fig, path: str) -> None:
+def figure(**kwargs):
+    """A matplotlib ``Figure`` (no pyplot: never switches the caller's, e.g. a notebook's, backend). matplotlib is
+    imported here, on the first plot, so that ``import jaxforget`` does not load it."""
+    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+    return Figure(**kwargs)
+
+
+def save_figure(fig, path: str) -> None:
+    """Writes a matplotlib figure as PNG atomically (a temporary file, then renamed)."""
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     os.replace(tmp, path)
 
 
 def plot_requests(rep: dict, path: str) -> None:
-    """Accuracy on forget/retain/test (method vs retrain oracle) and residual to the oracle, per request."""
+    """Accuracy on forget/retain/test (method vs retrain) and distance to the retrain, per request."""
     reqs = rep["requests"]
     if not reqs:
         return
     k = [r["request"] for r in reqs]
-    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    fig = figure(figsize=(12, 4.2), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     for name, color in (("forget", "C3"), ("retain", "C0"), ("test", "C2")):
         ax1.plot(k, [r["readouts"][name]["accuracy"] for r in reqs], "o-", color=color, label=f"{name} (method)")
         ax1.plot(k, [r["readouts"][name]["oracle_accuracy"] for r in reqs], "x--", color=color,
                  label=f"{name} (retrain)")
-    ax1.set(xlabel="request", ylabel="accuracy", title="Accuracy: method vs retrain from scratch")
+    ax1.set(xlabel="request", ylabel="accuracy", title=f"Accuracy: {rep['method']} vs retrain from scratch")
     ax1.legend(fontsize=7, ncol=2)
-    ax2.semilogy(k, [r["solver_residual_rel"] for r in reqs], "o-", label="‖w − w*‖/‖w*‖ (pre-noise)")
-    ax2.semilogy(k, [r["influence_left"] for r in reqs], "s-", label="influence left")
-    for name, color in (("cg_retrain", "C4"), ("sgd_retrain", "C5")):
+    ax2.semilogy(k, [max(r["rel_weight_distance"], 1e-300) for r in reqs], "o-",
+                 label="‖θ − θ_r‖/‖θ_r‖ (noiseless)")
+    ax2.semilogy(k, [max(r["influence_left"], 1e-300) for r in reqs], "s-", label="influence left")
+    names = sorted({n for r in reqs for n in r["retrain"] if n != "retrain"})
+    for i, name in enumerate(names):
         vals = [r["retrain"].get(name, {}).get("rel_error") for r in reqs]
         if any(v is not None for v in vals):
-            ax2.semilogy(k, vals, "^--", color=color, label=f"{name} rel. error")
-    ax2.set(xlabel="request", ylabel="relative distance", title="Distance to the exact (float64) retrain")
+            ax2.semilogy(k, vals, "^--", color=f"C{4 + i}", label=f"{name} rel. error")
+    ax2.set(xlabel="request", ylabel="relative distance", title="Distance to the retrain from scratch")
     ax2.legend(fontsize=7)
-    _save(fig, path)
-
-
-def plot_sigma_sweep(rep: dict, path: str) -> None:
-    """Test error and distance to the oracle (left), KL proxy (right) against the noise std σ."""
-    rows = rep["sigma_sweep"]
-    s = [r["sigma"] for r in rows]
-    fig = Figure(figsize=(12, 4.2), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.semilogx(s, [r["test_error"] for r in rows], "o-", color="C3", label="test error")
-    ax1.set(xlabel="noise std σ", ylabel="test error", title="Test error and residual vs σ")
-    ax1b = ax1.twinx()
-    ax1b.loglog(s, [r["rel_distance_to_oracle"] for r in rows], "s--", color="C0", label="‖w − w*‖/‖w*‖")
-    ax1b.set_ylabel("relative distance to retrain")
-    ax1.legend(loc="upper left", fontsize=7)
-    ax1b.legend(loc="lower right", fontsize=7)
-    kl = [r["kl_proxy_nats"] for r in rows]
-    ax2.loglog(s, [max(v, 1e-300) for v in kl], "o-")
-    ax2.set(xlabel="noise std σ", ylabel="KL proxy (nats)", title="Remaining-information proxy vs σ")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def markdown_table(rep: dict) -> str:
-    """The README results table for one report: final readouts with the retrain values beside them."""
+    """The README results table for one forget-job report: final readouts with the retrain values beside them."""
     s = rep["summary"]
     fin = s["final"]
+    name = rep["method"]
     lines = [
-        f"Requests: {s['num_requests']} × {rep['requests'][0]['forget']['num_forgotten']}"
+        f"Method: {name}; requests: {s['num_requests']} × {rep['requests'][0]['forget']['num_forgotten']}"
         f" ids; device: {rep['environment']['device_kind']}; jax {rep['environment']['jax']}.",
         "",
-        "| readout (after the last request) | mixed-linear forget | retrain from scratch |",
+        f"| readout (after the last request) | {name} forget | retrain from scratch |",
         "|---|---|---|",
     ]
-    for name in ("forget", "retain", "test"):
-        lines.append(f"| accuracy on {name} | {fin[name]['accuracy']:.4f} | {fin[name]['oracle_accuracy']:.4f} |")
-    for name in ("forget", "retain", "test"):
-        lines.append(f"| activation distance on {name} | {fin[name]['activation_distance']:.2e} | 0 |")
+    for split in ("forget", "retain", "test"):
+        lines.append(f"| accuracy on {split} | {fin[split]['accuracy']:.4f} | {fin[split]['oracle_accuracy']:.4f} |")
+    for split in ("forget", "retain", "test"):
+        lines.append(f"| activation distance on {split} | {fin[split]['activation_distance']:.2e} | 0 |")
     lines += [
-        f"| max ‖w − w*‖/‖w*‖ over requests (pre-noise) | {s['max_solver_residual_rel']:.2e} | 0 |",
+        f"| max ‖θ − θ_r‖/‖θ_r‖ over requests (noiseless) | {s['max_rel_weight_distance']:.2e} | 0 |",
         f"| max share of a request's influence left | {s['max_influence_left']:.2e} | 0 |",
-        f"| median CG iterations per request | {s['median_cg_iterations']:.0f} | |",
+        f"| median solver iterations per request | {s['median_iterations']:.0f} | |",
         f"| median forget time (s) | {s['median_forget_seconds']:.3f} | |",
     ]
-    for name, v in s["median_speedup_vs_retrain"].items():
-        err = rep["requests"][-1]["retrain"][name]["rel_error"]
+    for baseline, v in s["median_speedup_vs_retrain"].items():
+        err = rep["requests"][-1]["retrain"][baseline].get("rel_error")
         err = "diverged (NaN)" if err is None else f"{err:.2e}"
-        lines.append(f"| median speed-up vs {name} (rel. error of that retrain: {err}) | {v:.2f}× | 1× |")
+        label = "the retrain (gold standard)" if baseline == "retrain" else baseline
+        lines.append(f"| median speed-up vs {label} (rel. error of that retrain: {err}) | {v:.2f}× | 1× |")
     lines.append(f"| recompilations between requests | {rep['recompilations_between_requests']} | |")
     return "\n".join(lines)
 
@@ -575,6 +565,13 @@ def compare_markdown(rep: dict) -> str:
                       "| 1 | |",
                       f"| wall time (s) | — | | {format_mean_std(sec, sec_std, n)} "
                       f"| {format_mean_std(rsec, rsec_std, n)} | |"]
+            rows = t.get("per_seed") or []
+            for name in sorted({b for r in rows for b in (r.get("baseline_seconds") or {})}):
+                vals = [r["seconds"] / r["baseline_seconds"][name] if r.get("baseline_seconds", {}).get(name) else None
+                        for r in rows]
+                mean, std = _mean_std(vals)
+                lines.append(f"| time ratio T_unlearn / T_{_cell(name)} (the method's own baseline) | — | "
+                             f"| {format_mean_std(mean, std, n)} | | |")
         if method in challenge:
             c = challenge[method]
             n = len(c["epsilons"]) if isinstance(c.get("epsilons"), list) and c["epsilons"] else n_seeds
@@ -643,7 +640,7 @@ def plot_compare_accuracy(rep: dict, path: str) -> None:
     methods = _ordered([r["method"] for r in recs], rep.get("methods", []))
     slots = len(methods) + 1  # slot 0 is the original model
     xs = np.linspace(-0.35, 0.35, slots)
-    fig = Figure(figsize=(max(6.0, 1.2 * len(splits) * slots), 4.5), layout="constrained")
+    fig = figure(figsize=(max(6.0, 1.2 * len(splits) * slots), 4.5), layout="constrained")
     ax = fig.subplots()
     labelled = set()  # one legend entry per method, at its first split
     for i, split in enumerate(splits):
@@ -668,7 +665,7 @@ def plot_compare_accuracy(rep: dict, path: str) -> None:
     ax.set_xticks(range(len(splits)), splits)
     ax.set(ylabel="accuracy (%)", title="Accuracy per split: methods (mean ± std over seeds) vs retrain band")
     ax.legend(fontsize=7, loc="best")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_time_ratios(rep: dict, path: str) -> None:
@@ -680,7 +677,7 @@ def plot_time_ratios(rep: dict, path: str) -> None:
     if not timings:
         raise ValueError("plot_time_ratios: the report has no timings.")
     methods = _ordered(timings, rep.get("methods", []))
-    fig = Figure(figsize=(max(5.0, 1.1 * len(methods) + 2), 4.2), layout="constrained")
+    fig = figure(figsize=(max(5.0, 1.1 * len(methods) + 2), 4.2), layout="constrained")
     ax = fig.subplots()
     shown = [EFFICIENT_RATIO, 1.0]
     for i, method in enumerate(methods):
@@ -704,7 +701,7 @@ def plot_time_ratios(rep: dict, path: str) -> None:
     ax.set_xticks(range(len(methods)), methods, rotation=20)
     ax.set(ylabel="T_unlearn / T_retrain", title="Time ratio per method (bars: mean, dots: seeds)")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _num_buckets(n_models: int) -> int:
@@ -734,7 +731,7 @@ def plot_epsilons(epsilons_by_method: dict, n_models: int, path: str) -> None:
     n_b = 2 * B + 1  # the last bucket collects ε ≥ B (0 points), including the degenerate rule's 50
     labels = [f"[{k / 2:g}, {k / 2 + 0.5:g})" for k in range(2 * B)] + [f"≥ {B}"]
     methods = list(epsilons_by_method)
-    fig = Figure(figsize=(max(6.0, 0.55 * n_b * max(1, len(methods)) ** 0.5 + 3), 4.5), layout="constrained")
+    fig = figure(figsize=(max(6.0, 0.55 * n_b * max(1, len(methods)) ** 0.5 + 3), 4.5), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / max(1, len(methods))
     for j, method in enumerate(methods):
@@ -753,7 +750,7 @@ def plot_epsilons(epsilons_by_method: dict, n_models: int, path: str) -> None:
     ax.set(xlabel="per-example ε bucket", ylabel="share of forget examples")
     ax.set_title(f"Per-example ε (N={n_models}: {2 * B} buckets, B={B}); points per bucket above", pad=16)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_statistic_histograms(stats: dict, path: str) -> None:
@@ -766,7 +763,7 @@ def plot_statistic_histograms(stats: dict, path: str) -> None:
     if not rows:
         raise ValueError("plot_statistic_histograms: no statistics given.")
     models = _ordered([m for s in rows for m in stats[s]], _MODEL_ORDER)
-    fig = Figure(figsize=(4.2 * len(models), 3.3 * len(rows)), layout="constrained")
+    fig = figure(figsize=(4.2 * len(models), 3.3 * len(rows)), layout="constrained")
     axes = np.asarray(fig.subplots(len(rows), len(models), squeeze=False))
     for i, stat in enumerate(rows):
         pooled = [_flat(v) for by_split in stats[stat].values() for v in by_split.values()]
@@ -789,7 +786,7 @@ def plot_statistic_histograms(stats: dict, path: str) -> None:
             ax.set_yscale("log")
             ax.set(title=f"{model}", xlabel=stat, ylabel="density" if j == 0 else None)
             ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_klom(values_by_method: dict, path: str) -> None:
@@ -804,7 +801,7 @@ def plot_klom(values_by_method: dict, path: str) -> None:
     if not methods and ref is None:
         raise ValueError("plot_klom: no KLOM values given.")
     splits = _ordered([s for v in values_by_method.values() for s in v], _SPLIT_ORDER)
-    fig = Figure(figsize=(max(4.0, 1.0 * (len(methods) + 1) + 1.5) * len(splits), 4.2), layout="constrained")
+    fig = figure(figsize=(max(4.0, 1.0 * (len(methods) + 1) + 1.5) * len(splits), 4.2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(splits), squeeze=False)[0])
     for ax, split in zip(axes, splits, strict=True):
         names = (["oracle_vs_oracle"] if ref is not None else []) + methods
@@ -833,14 +830,15 @@ def plot_klom(values_by_method: dict, path: str) -> None:
         ax.set_ylim(bottom=0.0)  # KL ≥ 0; symlog would otherwise pad into negative values
         ax.set_xticks(pos, ticks, rotation=20, fontsize=8)
         ax.set(title=f"KLOM on {split}", ylabel="KL(unlearned ‖ oracle) per example (nats)" if ax is axes[0] else None)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> str:
-    """CLI: ``python -m jaxforget.report REPORT.json [--readme [README.md]]``; returns the rendered table.
+    """CLI: ``python -m launch.report REPORT.json [--readme [README.md]]``; returns the rendered table.
 
     A compare report (``"kind": "compare"``) is validated, rendered by :func:`compare_markdown` and written to the
-    README block ``compare``; any other report renders with :func:`markdown_table` into the block ``results``.
+    README block ``compare``; a benchmark (``benchmark.json``) by :func:`jaxforget.benchmark.markdown` into the block
+    ``benchmark``; a forget job's report by :func:`markdown_table` into the block ``results``.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     with open(argv[0]) as f:
@@ -848,16 +846,16 @@ def main(argv: list[str] | None = None) -> str:
     if rep.get("kind") == "compare":
         validate_compare_report(rep)
         table, block = compare_markdown(rep), "compare"
+    elif "workloads" in rep:
+        from jaxforget import benchmark  # pylint: disable=import-outside-toplevel  (it imports the methods)
+
+        table, block = benchmark.markdown(rep), "benchmark"
     else:
         table, block = markdown_table(rep), "results"
     if "--readme" in argv[1:]:
         rest = argv[argv.index("--readme") + 1 :]
-        update_readme(rest[0] if rest else "README.md", table, argv[0], block=block)
+        update_readme(rest[0] if rest else "README.md", table, argv[0], block=block,
+                      command=f"python -m launch.report {argv[0]} --readme")
     else:
         print(table)
     return table
-
-
-if __name__ == "__main__":
-    # python -m jaxforget.report runs/demo/report.json [--readme [README.md]]
-    main()

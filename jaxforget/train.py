@@ -1,15 +1,26 @@
-"""A generic optax training loop for classifiers: originals, core networks, oracles and baselines.
+"""Training loops for classifiers: originals, retrains, core networks, fine-tuning baselines, populations.
 
-Cross-entropy with coupled L2 (``optax.add_decayed_weights``, so the fixed point is the minimiser of
-the regularised loss), SGD with momentum and cosine decay, BatchNorm in train mode. One jitted epoch
-(``lax.scan`` over index batches) per call, so an epoch costs one dispatch and nothing recompiles
-between epochs. The batch order comes from ``(seed, epoch)``, so a resumed run replays exactly.
+One optimiser serves every recipe: SGD with heavy-ball momentum, coupled L2 (``optax.add_decayed_weights``, so the
+fixed point is the minimiser of the regularised loss) and a cosine learning rate, built with
+``optax.inject_hyperparams`` so that learning rate, momentum and weight decay are traced values. One compiled epoch
+then serves every recipe, every request and every population member.
+
+A recipe is a sequence of :class:`Plan` s, one per epoch: the epoch's batches as row indices into the *full*
+training arrays, a per-example loss weight and a per-step ``active`` flag. Retraining on the retained rows
+``D_r`` draws its batches from those rows only and leaves the remaining steps inactive, so shapes never change
+between requests (nothing recompiles), and the result equals training on the physically reduced data with the
+same seed. The batch order comes from ``(seed, epoch)`` alone, so a resumed run replays exactly.
+
+The weighted loss of a step is :math:`\\sum_b w_b \\ell_b / \\sum_b |w_b|` with per-example cross-entropy
+:math:`\\ell_b`: unit weights give the batch mean; negative weights ascend (NegGrad); weights ``α/B_r`` on a
+retain batch and ``−(1−α)/B_f`` on a forget batch give ``α·CE_r − (1−α)·CE_f`` (NegGrad+).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -24,12 +35,13 @@ PyTree = Any
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    r"""Mean (or weighted-mean) softmax cross-entropy :math:`-\log p_{y}(x)`.
+    r"""Weighted softmax cross-entropy :math:`\sum_b w_b (-\log p_{y_b}(x_b)) / \sum_b |w_b|` (the mean without
+    weights).
 
     Args:
       logits: ``[B, K]``.
       labels: ``[B]`` integer classes.
-      weights: optional ``[B]`` example weights (padding rows get 0).
+      weights: optional ``[B]`` example weights (0 for padding, negative to ascend).
 
     Examples:
       >>> round(float(cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))), 4)
@@ -39,43 +51,140 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | Non
     if weights is None:
         return losses.mean()
     weights = weights.astype(losses.dtype)
-    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1)
+    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(jnp.abs(weights)), jnp.finfo(losses.dtype).tiny)
 
 
-def cosine_schedule(learning_rate: float, total_steps: int):
-    r"""Cosine decay :math:`\eta_t = \eta_0 \cdot \tfrac12 (1 + \cos(\pi \min(t/T, 1)))`.
+def cosine_lr(learning_rate: jax.typing.ArrayLike, step: jax.typing.ArrayLike, total_steps: jax.typing.ArrayLike):
+    r"""The one learning-rate schedule: :math:`\eta_t = \eta_0 \cdot \tfrac12 (1 + \cos(\pi \min(t/T, 1)))`.
 
-    Written out (rather than ``optax.cosine_decay_schedule``) so that it casts the integer step count
-    explicitly and works under strict dtype promotion.
+    Every argument may be traced (one compiled loop serves every recipe); the step is cast explicitly, so the
+    schedule works under strict dtype promotion.
 
     Examples:
-      >>> round(float(cosine_schedule(1.0, 10)(jnp.int32(5))), 6)
+      >>> round(float(cosine_lr(1.0, jnp.int32(5), 10.0)), 6)
       0.5
     """
-    total = float(max(total_steps, 1))
-
-    def schedule(count):
-        frac = jnp.minimum(jnp.asarray(count).astype(jnp.float32) / total, 1.0)
-        return learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-
-    return schedule
+    learning_rate = jnp.asarray(learning_rate, jnp.float32)
+    frac = jnp.minimum(jnp.asarray(step).astype(jnp.float32) / jnp.asarray(total_steps, jnp.float32), 1.0)
+    return learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
 
 
-def make_optimizer(
-    *, learning_rate: float, total_steps: int, momentum: float = 0.9, weight_decay: float = 0.0
-) -> optax.GradientTransformation:
-    """SGD with momentum, cosine-decayed learning rate and coupled L2 (never decoupled AdamW-style)."""
-    schedule = cosine_schedule(learning_rate, total_steps)
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay),
-        optax.sgd(schedule, momentum=momentum if momentum else None),
-    )
+def _sgd(learning_rate, momentum, weight_decay) -> optax.GradientTransformation:
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
 
 
-def _epoch_body(model: nn.Module, optimizer: optax.GradientTransformation):
-    def step(carry, batch_idx, x, y):
-        variables, opt_state = carry
-        xb, yb = x[batch_idx], y[batch_idx]
+#: SGD + momentum + coupled L2 with every hyperparameter in the optimiser state (``opt_state.hyperparams``).
+OPTIMIZER = optax.inject_hyperparams(_sgd)(learning_rate=0.0, momentum=0.0, weight_decay=0.0)
+
+
+@jax.jit
+def _init_optimizer(params: PyTree, momentum: jax.Array, weight_decay: jax.Array) -> PyTree:
+    state = OPTIMIZER.init(params)
+    return state._replace(hyperparams={**state.hyperparams, "momentum": momentum, "weight_decay": weight_decay})
+
+
+def init_optimizer(params: PyTree, *, momentum: float, weight_decay: float = 0.0) -> PyTree:
+    """The :data:`OPTIMIZER` state for ``params`` with the given momentum and coupled L2 coefficient.
+
+    Momentum 0 is plain SGD: the trace ``g + 0·t`` equals ``g`` exactly. Jitted, with the hyperparameters moved
+    explicitly: requests run under a host-to-device transfer guard.
+    """
+    return _init_optimizer(params, scalar(momentum, np.float32), scalar(weight_decay, np.float32))
+
+
+def scalar(value, dtype) -> jax.Array:
+    """A device scalar from a host number, moved explicitly (``jax.device_put``)."""
+    return jax.device_put(np.asarray(value, dtype))
+
+
+def sgd_update(grads: PyTree, params: PyTree, opt_state: PyTree, learning_rate: jax.Array) -> tuple[PyTree, PyTree]:
+    """One :data:`OPTIMIZER` step at ``learning_rate`` (traced): ``(new params, new state)``."""
+    opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": learning_rate})
+    updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def select(active: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    """``new`` where ``active`` (a traced bool scalar), else ``old``, leaf by leaf."""
+    return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plans: an epoch's batches over chosen rows, with fixed shapes
+# --------------------------------------------------------------------------------------------------
+
+
+class Plan(NamedTuple):
+    """One epoch of batches over rows of the full training arrays.
+
+    Attributes:
+      indices: ``int32 [steps, batch]`` row indices into ``x`` / ``y``.
+      weights: ``float32 [steps, batch]`` per-example loss weights (see the module docstring).
+      active: ``bool [steps]``; an inactive step changes nothing (no update, no momentum, no step count).
+    """
+
+    indices: np.ndarray
+    weights: np.ndarray
+    active: np.ndarray
+
+
+def epoch_plan(rows, batch_size: int, *, seed: int, epoch: int, num_steps: int | None = None,
+               weight: float = 1.0) -> Plan:
+    """The batches of one epoch over ``rows`` (positions into the full arrays), drop-last, padded to ``num_steps``.
+
+    The order is ``data.batch_indices(len(rows), batch_size, seed, epoch)`` mapped through ``rows``: exactly the
+    batches of training on the subset ``x[rows]`` with the same seed.
+
+    Args:
+      rows: ``[m]`` int positions of the rows to train on.
+      batch_size: rows per step (at most ``m``; the last partial batch is dropped).
+      seed, epoch: the order's seed (as :func:`jaxforget.data.batch_indices`).
+      num_steps: pad with inactive steps to this many (default: ``m // batch_size``, no padding).
+      weight: every example's loss weight.
+
+    Examples:
+      >>> p = epoch_plan(np.array([10, 11, 12, 13, 14]), 2, seed=0, epoch=0, num_steps=3)
+      >>> p.indices.shape, p.active.tolist()
+      ((3, 2), [True, True, False])
+    """
+    rows = np.asarray(rows, np.int64)
+    batches = data_lib.batch_indices(len(rows), batch_size, seed=seed, epoch=epoch, drop_last=True)
+    steps = len(batches) if num_steps is None else int(num_steps)
+    if steps < len(batches):
+        raise ValueError(f"epoch_plan: {len(batches)} batches do not fit in num_steps={steps}.")
+    indices = np.zeros((steps, batch_size), np.int32)
+    weights = np.zeros((steps, batch_size), np.float32)
+    active = np.zeros(steps, bool)
+    for i, b in enumerate(batches):
+        indices[i], weights[i], active[i] = rows[b], weight, True
+    return Plan(indices, weights, active)
+
+
+def join_plans(*plans: Plan) -> Plan:
+    """Steps of several plans side by side (a batch of each in every step); a step is active if all parts are.
+
+    Examples:
+      >>> a = epoch_plan(np.arange(4), 2, seed=0, epoch=0); b = epoch_plan(np.arange(4, 6), 1, seed=0, epoch=0)
+      >>> join_plans(a, b).indices.shape
+      (2, 3)
+    """
+    steps = {p.indices.shape[0] for p in plans}
+    if len(steps) != 1:
+        raise ValueError(f"join_plans: the plans have different step counts {sorted(steps)}.")
+    return Plan(np.concatenate([p.indices for p in plans], axis=1), np.concatenate([p.weights for p in plans], axis=1),
+                np.logical_and.reduce([p.active for p in plans]))
+
+
+# --------------------------------------------------------------------------------------------------
+# The classifier epoch
+# --------------------------------------------------------------------------------------------------
+
+
+def _classifier_epoch(model: nn.Module):
+    def step(carry, plan_step, x, y, lr0, total):
+        variables, opt_state, count = carry
+        idx, w, active = plan_step
+        xb, yb = x[idx], y[idx]
         params = variables["params"]
         rest = {k: v for k, v in variables.items() if k != "params"}
 
@@ -84,46 +193,85 @@ def _epoch_body(model: nn.Module, optimizer: optax.GradientTransformation):
                 logits, updates = model.apply({"params": p, **rest}, xb, train=True, mutable=list(rest))
             else:
                 logits, updates = model.apply({"params": p}, xb, train=True), {}
-            return cross_entropy(logits, yb), updates
+            return cross_entropy(logits, yb, w), updates
 
         (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        upd, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, upd)
-        return ({"params": params, **rest, **updates}, opt_state), loss
+        new_params, new_opt = sgd_update(grads, params, opt_state, cosine_lr(lr0, count, total))
+        new = ({"params": new_params, **rest, **updates}, new_opt)
+        variables, opt_state = select(active, new, (variables, opt_state))
+        return (variables, opt_state, count + active.astype(count.dtype)), loss
 
-    def epoch(variables, opt_state, x, y, batches):
-        (variables, opt_state), losses = jax.lax.scan(
-            lambda c, b: step(c, b, x, y), (variables, opt_state), batches
-        )
-        return variables, opt_state, losses.mean()
+    def epoch(variables, opt_state, count, x, y, plan, lr0, total):
+        (variables, opt_state, count), losses = jax.lax.scan(
+            lambda c, s: step(c, s, x, y, lr0, total), (variables, opt_state, count), plan)
+        active = plan[2].astype(losses.dtype)
+        return variables, opt_state, count, jnp.sum(losses * active) / jnp.maximum(jnp.sum(active), 1.0)
 
     return epoch
 
 
 @functools.cache
-def _epoch_fn(model: nn.Module, optimizer: optax.GradientTransformation):
-    return jax.jit(_epoch_body(model, optimizer))
+def _epoch_fn(model: nn.Module):
+    return jax.jit(_classifier_epoch(model))
 
 
 @functools.cache
-def _population_epoch_fn(model: nn.Module, optimizer: optax.GradientTransformation):
-    # Models and batch orders are stacked on axis 0; the data is shared.
-    return jax.jit(jax.vmap(_epoch_body(model, optimizer), in_axes=(0, 0, None, None, 0)))
+def _population_epoch_fn(model: nn.Module):
+    # Models, optimiser states, step counts and plans are stacked on axis 0; data and hyperparameters are shared.
+    return jax.jit(jax.vmap(_classifier_epoch(model), in_axes=(0, 0, 0, None, None, 0, None, None)))
 
 
-def _batch_and_optimizer(n, batch_size, epochs, learning_rate, momentum, weight_decay):
-    """The effective batch size (at most ``n``) and the optimizer whose cosine schedule spans every step."""
-    batch_size = min(batch_size, n)
-    optimizer = make_optimizer(learning_rate=learning_rate, total_steps=epochs * (n // batch_size),
-                               momentum=momentum, weight_decay=weight_decay)
-    return batch_size, optimizer
+def _device_plan(plan: Plan) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return tuple(jax.device_put(np.asarray(a)) for a in plan)
+
+
+def fit(
+    model: nn.Module,
+    variables: PyTree,
+    x,
+    y,
+    plans: Callable[[int], Plan],
+    *,
+    epochs: int,
+    total_steps: int,
+    learning_rate: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    desc: str = "train",
+) -> tuple[PyTree, list[float]]:
+    """Trains a classifier for ``epochs`` epochs of ``plans(epoch)`` with the cosine schedule over ``total_steps``.
+
+    Args:
+      model: a flax module called as ``model.apply(variables, x, train=...)``.
+      variables: initial ``{"params": ..., ["batch_stats": ...]}``.
+      x: ``[n, H, W, C]`` float images in [0, 1] (host or device); plans index its rows.
+      y: ``[n]`` int labels (a relabelled copy for label-changing recipes).
+      plans: ``epoch -> Plan``; every plan must have the same shapes (one compilation).
+      epochs: number of epochs.
+      total_steps: active steps the cosine schedule spans.
+      learning_rate, momentum, weight_decay: the optimiser's hyperparameters.
+      desc: progress-bar label.
+
+    Returns:
+      ``(variables, losses)``: the trained variables and the per-epoch mean loss of the active steps.
+    """
+    opt_state = init_optimizer(variables["params"], momentum=momentum, weight_decay=weight_decay)
+    epoch_fn = _epoch_fn(model)
+    x_dev, y_dev = jax.device_put(np.asarray(x)), jax.device_put(np.asarray(y, np.int32))
+    lr0, total = scalar(learning_rate, np.float32), scalar(max(total_steps, 1), np.float32)
+    count, losses = scalar(0, np.int32), []
+    for epoch in progress.track(range(epochs), desc=desc):
+        variables, opt_state, count, loss = epoch_fn(variables, opt_state, count, x_dev, y_dev,
+                                                     _device_plan(plans(epoch)), lr0, total)
+        losses.append(float(loss))
+    return variables, losses
 
 
 def train_classifier(
     model: nn.Module,
     variables: PyTree,
-    x: np.ndarray,
-    y: np.ndarray,
+    x,
+    y,
     *,
     epochs: int,
     batch_size: int,
@@ -131,61 +279,62 @@ def train_classifier(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     seed: int = 0,
+    rows=None,
     desc: str = "train",
 ) -> tuple[PyTree, list[float]]:
-    """Trains a classifier with cross-entropy; returns the new variables and the per-epoch mean loss.
+    """Trains a classifier with cross-entropy on ``rows`` of ``(x, y)`` (all rows by default).
+
+    Every epoch is ``len(rows) // batch_size`` steps (the last partial batch is dropped), padded with inactive
+    steps to ``len(x) // batch_size``, so that any subset of the same arrays runs the same compiled epoch.
 
     Args:
       model: a flax module called as ``model.apply(variables, x, train=...)``.
       variables: initial ``{"params": ..., ["batch_stats": ...]}``.
       x: ``[n, H, W, C]`` float images in [0, 1].
       y: ``[n]`` int labels.
-      epochs: passes over the data.
-      batch_size: minibatch size (the last partial batch of an epoch is dropped, so ``n ≥ batch_size``).
+      epochs: passes over the rows.
+      batch_size: minibatch size (at most the number of rows).
       learning_rate: initial learning rate of the cosine schedule.
       momentum: SGD momentum (0 for plain SGD).
       weight_decay: coupled L2 coefficient.
       seed: data-order seed.
+      rows: ``[m]`` positions to train on (``None``: every row).
       desc: progress-bar label.
 
     Returns:
       ``(variables, losses)``.
     """
-    n = int(len(x))
-    batch_size, optimizer = _batch_and_optimizer(n, batch_size, epochs, learning_rate, momentum, weight_decay)
-    opt_state = optimizer.init(variables["params"])
-    epoch_fn = _epoch_fn(model, optimizer)
-    x_dev, y_dev = jax.device_put(jnp.asarray(x)), jax.device_put(jnp.asarray(y))
-    losses = []
-    for epoch in progress.track(range(epochs), desc=desc):
-        batches = np.stack(data_lib.batch_indices(n, batch_size, seed=seed, epoch=epoch, drop_last=True))
-        variables, opt_state, loss = epoch_fn(variables, opt_state, x_dev, y_dev, jax.device_put(batches))
-        losses.append(float(loss))
-    return variables, losses
+    rows = np.arange(len(x)) if rows is None else np.asarray(rows, np.int64)
+    batch_size = min(int(batch_size), len(rows))
+    num_steps = max(len(x) // batch_size, 1)
+    return fit(model, variables, x, y, lambda e: epoch_plan(rows, batch_size, seed=seed, epoch=e, num_steps=num_steps),
+               epochs=epochs, total_steps=epochs * (len(rows) // batch_size), learning_rate=learning_rate,
+               momentum=momentum, weight_decay=weight_decay, desc=desc)
 
 
 def train_classifiers(
     model: nn.Module,
     variables: PyTree,
-    x: np.ndarray,
-    y: np.ndarray,
+    x,
+    y,
     *,
-    seeds: list[int],
+    seeds: Sequence[int],
     epochs: int,
     batch_size: int,
     learning_rate: float,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    rows=None,
     desc: str = "train population",
 ) -> tuple[PyTree, np.ndarray]:
     """Trains a population of classifiers in parallel: one ``vmap``-ped epoch program for all of them.
 
     Model ``i`` starts from ``variables[i]`` (every leaf has a leading ``[M]`` axis) and sees the batch order
     of ``seeds[i]``, so it equals ``train_classifier(..., seed=seeds[i])`` on the unstacked variables up to
-    float reassociation. Used for the retrain / original populations of the distributional scores.
+    float reassociation. Used for the populations of the distributional scores.
 
     Args:
-      model, x, y, epochs, batch_size, learning_rate, momentum, weight_decay: as :func:`train_classifier`.
+      model, x, y, epochs, batch_size, learning_rate, momentum, weight_decay, rows: as :func:`train_classifier`.
       variables: stacked initial variables, leading axis ``M``.
       seeds: ``M`` data-order seeds.
 
@@ -202,16 +351,20 @@ def train_classifiers(
       >>> losses.shape
       (2, 2)
     """
-    n = int(len(x))
-    batch_size, optimizer = _batch_and_optimizer(n, batch_size, epochs, learning_rate, momentum, weight_decay)
-    opt_state = jax.vmap(optimizer.init)(variables["params"])
-    epoch_fn = _population_epoch_fn(model, optimizer)
-    x_dev, y_dev = jax.device_put(jnp.asarray(x)), jax.device_put(jnp.asarray(y))
+    rows = np.arange(len(x)) if rows is None else np.asarray(rows, np.int64)
+    batch_size = min(int(batch_size), len(rows))
+    num_steps = max(len(x) // batch_size, 1)
+    opt_state = jax.vmap(lambda p: init_optimizer(p, momentum=momentum, weight_decay=weight_decay))(
+        variables["params"])
+    epoch_fn = _population_epoch_fn(model)
+    x_dev, y_dev = jax.device_put(np.asarray(x)), jax.device_put(np.asarray(y, np.int32))
+    lr0, total = scalar(learning_rate, np.float32), scalar(max(epochs * (len(rows) // batch_size), 1), np.float32)
+    count = jax.device_put(np.zeros(len(seeds), np.int32))
     losses = []
     for epoch in progress.track(range(epochs), desc=desc):
-        batches = np.stack([
-            np.stack(data_lib.batch_indices(n, batch_size, seed=int(s), epoch=epoch, drop_last=True)) for s in seeds
-        ])
-        variables, opt_state, loss = epoch_fn(variables, opt_state, x_dev, y_dev, jax.device_put(batches))
+        plans = [epoch_plan(rows, batch_size, seed=int(s), epoch=epoch, num_steps=num_steps) for s in seeds]
+        stacked = Plan(*(np.stack(parts) for parts in zip(*plans, strict=True)))
+        variables, opt_state, count, loss = epoch_fn(variables, opt_state, count, x_dev, y_dev,
+                                                     _device_plan(stacked), lr0, total)
         losses.append(np.asarray(loss))
     return variables, np.stack(losses, axis=1) if losses else np.zeros((len(seeds), 0))

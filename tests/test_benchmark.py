@@ -14,14 +14,14 @@ def test_quick_benchmark_writes_consistent_json(tmp_path):
     benchmark.run(benchmark_config.get_config("quick"), str(tmp_path))
     out = json.loads((tmp_path / "benchmark.json").read_text())
     w = out["workloads"]["digits_head"]
-    assert w["recompilations_between_requests"] == 0
-    assert w["num_linearized_params"] == 32 * 10 + 10
-    assert w["kappa"] > 1
+    assert w["method"] == "mixed_linear" and w["recompilations_between_requests"] == 0
+    assert w["details"]["num_linearized_params"] == 32 * 10 + 10
+    assert w["profile"]["kappa"] > 1
     assert len(w["per_request"]) == 2
     for r in w["per_request"]:
         assert r["forget_rel_error"] <= 1e-3 and r["influence_left"] <= 0.05
-        assert r["forget_passes"] == r["forget_cg_iterations"] + 2
-        assert set(r["retrain"]) == {"cg_retrain", "cg_to_error", "sgd_retrain"}
+        assert r["forget_passes"] == r["forget_iterations"] + 2
+        assert set(r["retrain"]) == {"retrain", "cg_retrain", "cg_to_error", "sgd_retrain"}
         # Plain float64 CG from zero, stopped at the forget's error (at least the target's 1e-3), got there.
         to_error = r["retrain"]["cg_to_error"]
         assert to_error["target_rel_error"] == pytest.approx(max(r["forget_rel_error"], 1e-3))
@@ -29,22 +29,23 @@ def test_quick_benchmark_writes_consistent_json(tmp_path):
         assert to_error["passes"] == to_error["iterations"] + 2 and to_error["iterations"] > 0
         sgd = r["retrain"]["sgd_retrain"]
         assert sgd["passes"] == 10 and 0 < sgd["rel_error"] < float("inf")
-        assert r["forget_over_retrain_time"]["sgd_retrain"] == pytest.approx(
-            r["forget_seconds"] / sgd["seconds"], rel=1e-9
-        )
-    k = w["kernels"]
+        for name, base in r["retrain"].items():
+            assert r["forget_over_retrain_time"][name] == pytest.approx(r["forget_seconds"] / base["seconds"],
+                                                                         rel=1e-9)
+    k = w["profile"]
     assert k["gn_matvec_over_forward_backward"] == pytest.approx(k["gn_matvec_seconds"] / k["forward_backward_seconds"])
     table = benchmark.markdown(out)
-    assert "| digits_head |" in table and "| digits_head | cg |" in table  # the workload and the targets rows
-    cross = out["crossover"]
-    assert [r["width"] for r in cross["rows"]] == [16, 32]
+    assert "| digits_head | mixed_linear | cg |" in table and "| digits_head | cg_to_error |" in table
+    cross = out["studies"]["crossover"]
+    assert cross["method"] == "mixed_linear" and [r["width"] for r in cross["rows"]] == [16, 32]
     for r in cross["rows"]:
         assert r["num_params"] == (r["width"] + 1) * 10
         assert r["direct"]["memory_bytes"] >= 8 * r["num_params"] ** 2  # the float64 factor is held
         assert r["direct"]["amortised_seconds"] >= r["direct"]["forget_seconds"]
         assert r["direct"]["rel_residual"] <= 1e-5 and r["cg"]["rel_residual"] <= 1e-5
+    assert "Direct vs CG by size" in table
     ev = out["evaluation"]
     assert ev["n_models"] == 16 and ev["max_abs_epsilon_difference"] <= 1e-9
     ratio = ev["challenge_score_seconds"] / ev["median_forget_seconds"]
     assert ev["challenge_score_over_forget"] == pytest.approx(ratio)
-    assert w["solver_memory_bytes"] == {"factor": 0, "removal": 0, "preconditioner": 0}  # plain CG
+    assert w["readouts"]["solver_memory_bytes"] == {"factor": 0, "removal": 0, "preconditioner": 0}  # plain CG

@@ -281,17 +281,42 @@ def test_load_tfds_slices_keep_split_positions_as_ids(tfds_dir):
         data.load_tfds(TFDS_NAME, split="train+test", data_dir=tfds_dir)
 
 
+_SPLITS_EXIST = r"the splits that exist are \['train', 'test'\]"
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(name="jaxforget_no_such_dataset", split="train"), "prepared"),
-        (dict(name=TFDS_NAME, split="validation"), "validation"),
+        (dict(name="jaxforget_no_such_dataset", split="train"), "must already be prepared in the array_record"),
+        # A prepared dataset and an unknown split: name the split asked for and list the ones that exist.
+        (dict(name=TFDS_NAME, split="validation"), r"no split 'validation'.*" + _SPLITS_EXIST),
+        (dict(name=TFDS_NAME, split="tran"), r"no split 'tran'.*" + _SPLITS_EXIST),
+        (dict(name=TFDS_NAME, split="tran[:10%]"), r"no split 'tran' \(asked for split='tran\[:10%\]'\)"),
+        (dict(name=TFDS_NAME, split="train+valid[:2]"), r"no split 'valid' .*" + _SPLITS_EXIST),
+        (dict(name=TFDS_NAME, split="train[:"), r"Invalid tfds split string 'train\[:'"),
         (dict(name=TFDS_NAME, split="train", image_key="img"), "'img'"),
     ],
 )
 def test_load_tfds_reports_missing_data(tfds_dir, kwargs, match):
-    with pytest.raises(errors.ConfigError, match=match):
+    with pytest.raises(errors.ConfigError, match=match) as info:
         data.load_tfds(data_dir=tfds_dir, **kwargs)
+    if kwargs["split"] != "train":  # a bad split of a prepared dataset is not reported as "not prepared"
+        assert "must already be prepared" not in str(info.value)
+
+
+def test_load_tfds_unprepared_dataset_says_prepare_it(tmp_path):
+    # A registered tfds dataset with no files in data_dir: the split may well exist, the data does not.
+    with pytest.raises(errors.ConfigError, match="must already be prepared in the array_record") as info:
+        data.load_tfds("mnist", split="validation", data_dir=str(tmp_path))
+    assert "splits that exist" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # reading never builds or downloads anything
+
+
+def test_load_tfds_percent_slices_of_existing_splits(tfds_dir):
+    head = data.load_tfds(TFDS_NAME, split="train[:25%]", data_dir=tfds_dir)
+    assert head.ids.tolist() == [0, 1, 2]
+    tail = data.load_tfds(TFDS_NAME, split="test[50%:]", data_dir=tfds_dir)
+    assert tail.ids.tolist() == [3, 4, 5] and np.array_equal(tail.y, _TEST_LABELS[3:])
 
 
 def test_get_splits_tfds(tfds_dir):
@@ -303,9 +328,56 @@ def test_get_splits_tfds(tfds_dir):
         np.union1d(given.core_ids, given.user_ids), _TRAIN_UIDS
     )
 
+    # test_split "" (the default): the train split is split three ways.
     split = data.get_splits(ml_collections.ConfigDict(dict(base, train_split="train", test_fraction=0.25)))
     assert len(split.test) == 3 and len(split.train) == 9  # one test sample per class
     assert np.array_equal(np.union1d(split.train.ids, split.test.ids), _TRAIN_UIDS)
+
+    # max_examples and id_key "" / 0 mean "record positions" / "all"; positive max_examples reads a prefix.
+    head = data.get_splits(ml_collections.ConfigDict(dict(base, id_key="", test_split="test", max_examples=6)))
+    assert head.train.ids.tolist() == list(range(6)) and len(head.test) == 6
+
+
+def _parse_command_line(*overrides):
+    """The finetune job config after ``--config.<path>=<value>`` overrides, parsed by ml_collections as launch/ does."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from jaxforget import config as config_lib
+
+    job = config_lib.forget_job("finetune", model=dict(name="mlp", hidden=(8,), num_classes=3))
+    argv = ["forget", *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", job, flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flag_values(argv)
+    config = flag_values.config
+    config_lib.validate_forget_job(config)
+    return config
+
+
+def test_get_splits_tfds_from_the_command_line(tfds_dir):
+    """``--config.data.name=tfds --config.data.tfds_name=X --config.data.data_dir=D`` on a stock job config."""
+    from jaxforget import methods
+
+    argv = ["--config.data.name=tfds", f"--config.data.tfds_name={TFDS_NAME}", f"--config.data.data_dir={tfds_dir}"]
+    config = _parse_command_line(*argv)
+    assert (config.data.name, config.data.tfds_name, config.data.data_dir) == ("tfds", TFDS_NAME, tfds_dir)
+    s = data.get_splits(config.data)  # defaults: the train split is split three ways, ids are record positions
+    assert (len(s.train), len(s.test), len(s.core_ids), len(s.user_ids)) == (9, 3, 3, 6)
+    assert np.array_equal(np.union1d(s.train.ids, s.test.ids), np.arange(12))
+    assert s.train.image_shape == (4, 4, 1) and s.train.num_classes == 3
+
+    config = _parse_command_line(*argv, "--config.data.test_split=test")
+    method = methods.build(config)
+    assert (len(method.splits.train), len(method.splits.test)) == (12, 6)
+    assert method.splits.test.name == f"{TFDS_NAME}/test"
+    assert np.array_equal(method.splits.train.x, _TRAIN_IMAGES[..., None] / np.float32(255))
+    assert np.array_equal(method.splits.test.y, _TEST_LABELS)
+
+    # A misspelt split on the command line names the splits that exist.
+    config = _parse_command_line(*argv, "--config.data.test_split=validation")
+    with pytest.raises(errors.ConfigError, match=r"no split 'validation'.*" + _SPLITS_EXIST):
+        data.get_splits(config.data)
 
 
 # --------------------------------------------------------------------------------- registry, batching
@@ -315,8 +387,123 @@ def test_get_splits_digits_matches_make_splits_and_unknown_name():
     cfg = ml_collections.ConfigDict(dict(name="digits", seed=1, test_fraction=0.2, core_fraction=0.3))
     s = data.get_splits(cfg)
     assert s.to_json() == data.make_splits(data.load_digits(), seed=1).to_json()
+    # Omitted fields take default_config()'s values; the full default section is the same split.
+    full = data.default_config()
+    full.seed = 1
+    assert data.get_splits(full).to_json() == s.to_json()
     with pytest.raises(KeyError, match="digits.*synthetic.*tfds"):
         data.get_splits(ml_collections.ConfigDict(dict(name="cifar")))
+
+
+def test_default_config_is_valid_and_complete():
+    cfg = data.default_config()
+    data.validate_config(cfg)
+    assert cfg.name == "digits" and cfg.data_dir == "" and cfg.test_split == "" and cfg.max_examples == 0
+    assert set(cfg.keys()) == {
+        "name", "seed", "test_fraction", "core_fraction", "n", "image_shape", "num_classes", "tfds_name",
+        "data_dir", "train_split", "test_split", "image_key", "label_key", "id_key", "max_examples",
+    }
+    assert data.default_config() is not cfg  # a fresh copy each call: editing one never changes the defaults
+    cfg.seed = 5
+    assert data.default_config().seed == 0
+
+
+def _config(**fields):
+    cfg = data.default_config()
+    for key, value in fields.items():
+        cfg[key] = value
+    return cfg
+
+
+def test_unknown_config_field_is_named_with_the_valid_ones():
+    valid = r"valid: \['core_fraction', 'data_dir', .*'test_split', 'tfds_name', 'train_split'\]"
+    with pytest.raises(errors.ConfigError, match=r"unknown config field\(s\) \['sede'\]; " + valid):
+        data.get_splits(ml_collections.ConfigDict(dict(name="digits", sede=1)))
+    cfg = data.default_config()
+    with cfg.unlocked():
+        cfg.tfds_dir = "/data"
+    with pytest.raises(errors.ConfigError, match=r"\['tfds_dir'\]; " + valid):
+        data.validate_config(cfg)
+    del cfg["tfds_dir"], cfg["max_examples"]
+    with pytest.raises(errors.ConfigError, match=r"missing config field\(s\) \['max_examples'\]"):
+        data.validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(test_fraction=1.5), r"data\.test_fraction must be a number strictly between 0 and 1, got 1\.5"),
+        (dict(core_fraction=0.0), r"data\.core_fraction .* got 0\.0"),
+        (dict(core_fraction=-0.25), r"data\.core_fraction .* got -0\.25"),
+        (dict(seed=-1), r"data\.seed must be an integer >= 0, got -1"),
+        (dict(name="synthetic", n=1), r"data\.n must be an integer >= 2, got 1"),
+        (dict(name="synthetic", num_classes=1), r"data\.num_classes must be an integer >= 2, got 1"),
+        (dict(name="tfds"), r"data\.tfds_name is required when data\.name='tfds'"),
+        (dict(name="tfds", tfds_name="mnist", data_dir=None), r"data\.data_dir must be a string, got None"),
+        (dict(name="tfds", tfds_name="mnist", max_examples=-1), r"data\.max_examples must be an integer >= 0"),
+    ],
+)
+def test_validate_config_names_the_bad_field(fields, match):
+    with pytest.raises(errors.ConfigError, match=match):
+        data.validate_config(_config(**fields))
+    with pytest.raises(errors.ConfigError, match=match):  # get_splits validates before reading any data
+        data.get_splits(ml_collections.ConfigDict(fields))
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(seed="0"), r"data\.seed must be of type int \(default 0\), got '0' of type str"),
+        (dict(test_fraction="0.2"), r"data\.test_fraction must be of type float .* got '0\.2' of type str"),
+        (dict(name="synthetic", n=10.0), r"data\.n must be of type int .* got 10\.0 of type float"),
+    ],
+)
+def test_get_splits_wrong_type_names_the_field(fields, match):
+    with pytest.raises(errors.ConfigError, match=match):
+        data.get_splits(ml_collections.ConfigDict(fields))
+
+
+def test_validate_config_checks_only_the_fields_of_its_dataset():
+    # Unused tfds fields may hold anything a string field holds; a digits job never reads them.
+    data.validate_config(_config(name="digits", tfds_name="", train_split="whatever"))
+    data.validate_config(_config(name="tfds", tfds_name="mnist", data_dir="/data", test_split="test"))
+    with pytest.raises(KeyError, match=r"Unknown dataset name 'mnist'; valid names: \['digits'"):
+        data.validate_config(_config(name="mnist"))
+
+
+def test_get_splits_synthetic_uses_its_fields():
+    s = data.get_splits(ml_collections.ConfigDict(dict(name="synthetic", n=40, image_shape=(4, 4, 2), num_classes=4,
+                                                       seed=2, test_fraction=0.2, core_fraction=0.5)))
+    assert (len(s.train), len(s.test), s.train.image_shape, s.train.num_classes) == (32, 8, (4, 4, 2), 4)
+    same = data.make_splits(data.synthetic(40, image_shape=(4, 4, 2), num_classes=4, seed=2), test_fraction=0.2,
+                            core_fraction=0.5, seed=2)
+    assert s.to_json() == same.to_json()
+
+
+# ------------------------------------------------------------------------------------------- draw_disjoint
+
+
+def test_draw_disjoint_is_disjoint_sorted_and_reproducible():
+    ids = np.arange(100, 160, 3)  # 20 ids, not positions
+    draws = data.draw_disjoint(ids, 3, 5, seed=4)
+    assert [len(d) for d in draws] == [5, 5, 5]
+    flat = np.concatenate(draws)
+    assert np.unique(flat).size == 15 and np.isin(flat, ids).all()
+    assert all(np.all(np.diff(d) > 0) for d in draws)
+    again = data.draw_disjoint(ids, 3, 5, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(draws, again, strict=True))
+    other = data.draw_disjoint(ids, 3, 5, seed=5)
+    assert not all(np.array_equal(a, b) for a, b in zip(draws, other, strict=True))
+    # The first draws do not depend on how many are asked for: a longer stream extends a shorter one.
+    assert all(np.array_equal(a, b) for a, b in zip(draws, data.draw_disjoint(ids, 4, 5, seed=4), strict=False))
+    everything = data.draw_disjoint(ids, 4, 5, seed=0)
+    assert np.array_equal(np.sort(np.concatenate(everything)), ids)  # exactly all of them fits
+    assert data.draw_disjoint(ids, 0, 5, seed=0) == []
+
+
+def test_draw_disjoint_too_many_names_the_numbers():
+    with pytest.raises(ValueError, match=r"3 draw\(s\) of 7 ids exceed the 20 ids available"):
+        data.draw_disjoint(np.arange(20), 3, 7, seed=0)
 
 
 def test_batch_indices_cover_each_index_once_and_replay():

@@ -3,9 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
-from jaxforget import compat, data, errors, kernels, ledger, mesh, mixed_linear, models
+from jaxforget import compat, data, errors, kernels, ledger, mesh, models, solvers
+from jaxforget.methods import mixed_linear
+from jaxforget.methods.mixed_linear import direct
 
 pytestmark = pytest.mark.xdist_group("mixed_linear")
 
@@ -34,20 +38,20 @@ def test_dual_and_primal_removal_equal_a_dense_solve_of_the_reduced_problem(rows
     removed = np.array([3, 7, 8, 19])
     expected = reduced_solution(jac, targets, lam, removed)
     with compat.enable_x64():
-        chol = kernels.spd_cholesky(jnp.asarray(jac @ jac.T + lam * np.eye(rows)))
+        chol = solvers.spd_cholesky(jnp.asarray(jac @ jac.T + lam * np.eye(rows)))
         t = jnp.asarray(targets)
         # Padding: two extra (invalid) slots pointing at arbitrary rows change nothing.
         padded = np.concatenate([removed, [0, 5]])
         valid = np.array([True] * len(removed) + [False, False])
-        inv_rows = kernels.cholesky_solve(chol, jnp.eye(rows, dtype=jnp.float64)[:, padded]).T
-        alpha = kernels.dual_remove_rows(inv_rows, kernels.cholesky_solve(chol, t), t[padded], jnp.asarray(padded),
+        inv_rows = solvers.cholesky_solve(chol, jnp.eye(rows, dtype=jnp.float64)[:, padded]).T
+        alpha = solvers.dual_remove_rows(inv_rows, solvers.cholesky_solve(chol, t), t[padded], jnp.asarray(padded),
                                          jnp.asarray(valid))
         np.testing.assert_allclose(np.asarray(alpha)[removed], 0.0, atol=1e-12)
         w_dual = jac.T @ np.asarray(alpha)
-        a_inv = kernels.cholesky_inverse(kernels.spd_cholesky(jnp.asarray(jac.T @ jac + lam * np.eye(params))))
+        a_inv = solvers.cholesky_inverse(solvers.spd_cholesky(jnp.asarray(jac.T @ jac + lam * np.eye(params))))
         rows_f = np.vstack([jac[removed], np.zeros((2, params))])
         t_f = np.concatenate([targets[removed], [0.0, 0.0]])
-        inv_r, rhs_r = kernels.primal_remove_rows(a_inv, jnp.asarray(jac.T @ targets), jnp.asarray(rows_f),
+        inv_r, rhs_r = solvers.primal_remove_rows(a_inv, jnp.asarray(jac.T @ targets), jnp.asarray(rows_f),
                                                   jnp.asarray(t_f))
         w_primal = np.asarray(inv_r @ rhs_r)
         keep = np.setdiff1d(np.arange(rows), removed)
@@ -66,14 +70,14 @@ def test_a_sequence_of_downdates_equals_refactoring_the_reduced_gram_matrix():
     rng = np.random.default_rng(1)
     jac, targets, lam = random_problem(rng, 60, 80, lam=1e-2)
     with compat.enable_x64():
-        chol = kernels.spd_cholesky(jnp.asarray(jac @ jac.T + lam * np.eye(60)))
+        chol = solvers.spd_cholesky(jnp.asarray(jac @ jac.T + lam * np.eye(60)))
         t = jnp.asarray(targets)
-        a_full = kernels.cholesky_solve(chol, t)
+        a_full = solvers.cholesky_solve(chol, t)
         removed = np.array([], np.int64)
         for request in ([4, 5], [30], [11, 12, 13, 50]):
             removed = np.concatenate([removed, request])
-            inv_rows = kernels.cholesky_solve(chol, jnp.eye(60, dtype=jnp.float64)[:, removed]).T
-            alpha = kernels.dual_remove_rows(inv_rows, a_full, t[removed], jnp.asarray(removed),
+            inv_rows = solvers.cholesky_solve(chol, jnp.eye(60, dtype=jnp.float64)[:, removed]).T
+            alpha = solvers.dual_remove_rows(inv_rows, a_full, t[removed], jnp.asarray(removed),
                                              jnp.ones(len(removed), bool))
             keep = np.setdiff1d(np.arange(60), removed)
             g_r = jac[keep] @ jac[keep].T + lam * np.eye(len(keep))
@@ -97,10 +101,10 @@ def test_a_removal_buffer_wider_than_the_removed_rows_reads_only_its_valid_prefi
         buffer = np.asarray(rng.normal(size=(width, 40)))  # stale rows (e.g. of an earlier stream)
         buffer[: removed.size] = np.asarray(inv)[removed]
         valid = np.arange(width) < removed.size
-        dense = kernels.dual_remove_rows(inv[removed], a_full, t[removed], jnp.asarray(removed),
+        dense = solvers.dual_remove_rows(inv[removed], a_full, t[removed], jnp.asarray(removed),
                                          jnp.ones(removed.size, bool))
         for chunk in (2, 3, 4, 64):
-            prefix = kernels.dual_remove_rows(jnp.asarray(buffer), a_full, t[slots], jnp.asarray(slots),
+            prefix = solvers.dual_remove_rows(jnp.asarray(buffer), a_full, t[slots], jnp.asarray(slots),
                                               jnp.asarray(valid), jnp.int32(removed.size), chunk=chunk)
             np.testing.assert_allclose(np.asarray(prefix), np.asarray(dense), rtol=1e-12, atol=1e-12)
     keep = np.setdiff1d(np.arange(40), removed)
@@ -112,12 +116,12 @@ def test_a_sequence_of_primal_inverse_updates_equals_inverting_the_reduced_syste
     rng = np.random.default_rng(2)
     jac, targets, lam = random_problem(rng, 60, 12, lam=1e-2)
     with compat.enable_x64():
-        inv = kernels.cholesky_inverse(kernels.spd_cholesky(jnp.asarray(jac.T @ jac + lam * np.eye(12))))
+        inv = solvers.cholesky_inverse(solvers.spd_cholesky(jnp.asarray(jac.T @ jac + lam * np.eye(12))))
         rhs = jnp.asarray(jac.T @ targets)
         removed = np.array([], np.int64)
         for request in ([4, 5], [30], list(range(31, 50))):  # the last request has more rows than P: P×P form
             removed = np.concatenate([removed, request])
-            inv, rhs = kernels.primal_remove_rows(inv, rhs, jnp.asarray(jac[request]), jnp.asarray(targets[request]))
+            inv, rhs = solvers.primal_remove_rows(inv, rhs, jnp.asarray(jac[request]), jnp.asarray(targets[request]))
             keep = np.setdiff1d(np.arange(60), removed)
             reduced = jac[keep].T @ jac[keep] + lam * np.eye(12)
             np.testing.assert_allclose(np.asarray(inv), np.linalg.inv(reduced), rtol=1e-8, atol=1e-12)
@@ -130,7 +134,7 @@ def test_per_example_jacobian_and_jacobian_times_match_jacfwd():
     xs = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
     f = lambda p, x: jnp.tanh(p["a"] @ x) + p["b"]
     jac = kernels.per_example_jacobian(f, w, xs)  # [4, 2, 8]
-    flat, unravel = kernels.tree_ravel_with_unravel(w)
+    flat, unravel = ravel_pytree(w)
     dense = jax.vmap(lambda x: jax.jacfwd(lambda v: f(unravel(v), x))(flat))(xs)
     np.testing.assert_allclose(jac, dense, rtol=1e-6)
     tangents = jnp.asarray(np.random.default_rng(1).normal(size=(3, 8)), jnp.float32)
@@ -169,11 +173,11 @@ def problem():
     states = {space: ml.init(jax.random.key(0), core=core) for space, ml in methods.items()}
     with compat.enable_x64():
         ml = methods["primal"]
-        lin, fix = ml.split(kernels.tree_cast(core, jnp.float64))
-        flat, unravel = kernels.tree_ravel_with_unravel(lin)
+        lin, fix = ml.split(optax.tree.cast(core, jnp.float64))
+        flat, unravel = ravel_pytree(lin)
         x = jnp.asarray(splits.train.x, jnp.float64)
-        jac = np.asarray(jax.jacfwd(lambda w: ml._apply(unravel(w), fix, x))(flat))
-        fc = np.asarray(ml._apply(lin, fix, x))
+        jac = np.asarray(jax.jacfwd(lambda w: ml.problem.apply(unravel(w), fix, x))(flat))
+        fc = np.asarray(ml.problem.apply(lin, fix, x))
     return splits, methods, states, (jac, fc)
 
 
@@ -215,15 +219,15 @@ def test_training_and_each_request_equal_the_dense_minimiser_in_both_spaces(prob
     finals = {}
     for space, ml in methods.items():
         state = states[space]
-        full, _, _, _ = ml._direct_solve(state, state.removed_by, state.w_u)
-        expected = dense_fixed_minimiser(ml, dense, state.removed_by)
+        full, _, _, _ = ml._direct_solve(state, state.ledger.removed_by, state.w_u)
+        expected = dense_fixed_minimiser(ml, dense, state.ledger.removed_by)
         assert np.linalg.norm(ravel64(full) - expected) <= 1e-8 * np.linalg.norm(expected)
         for ids in requests:
             state, info = ml.forget(state, ids, sigma=0.0)
             assert info.solver == f"direct-{space}" and info.iterations == 0
-            assert info.rel_residual <= 1e-8
-            w64 = ravel64(ml._direct_solve(state, state.removed_by, state.w_u)[0])
-            expected = dense_fixed_minimiser(ml, dense, state.removed_by)
+            assert info.residual <= 1e-8
+            w64 = ravel64(ml._direct_solve(state, state.ledger.removed_by, state.w_u)[0])
+            expected = dense_fixed_minimiser(ml, dense, state.ledger.removed_by)
             assert np.linalg.norm(w64 - expected) <= 1e-8 * np.linalg.norm(expected)
             # The float32 state is that solution, rounded.
             assert np.linalg.norm(ravel64(state.w_u) - expected) <= 1e-6 * np.linalg.norm(expected)
@@ -246,14 +250,15 @@ def test_the_primal_gram_check_reads_the_same_residual_as_a_data_pass_without_on
         infos = []
         for ids in requests:
             state, info = ml.forget(state, ids, sigma=0.0)
-            expected = dense_fixed_minimiser(ml, dense, state.removed_by)
-            assert np.linalg.norm(ravel64(info.w_pre_noise) - expected) <= 1e-6 * np.linalg.norm(expected)
+            expected = dense_fixed_minimiser(ml, dense, state.ledger.removed_by)
+            assert np.linalg.norm(ravel64(state.w_u) - expected) <= 1e-6 * np.linalg.norm(expected)
             infos.append(info)
         runs[check] = infos
     for by_gram, by_data in zip(runs["gram"], runs["data"], strict=True):
         assert by_gram.passes == 0.0 and by_data.passes == 2.0
-        np.testing.assert_allclose(by_gram.grad_norm, by_data.grad_norm, rtol=1e-5)  # data: a float32 pass
-        assert by_gram.rel_residual <= 1e-8 and by_data.rel_residual <= 1e-8
+        # The data check reads ‖g_r(w_old)‖ by a float32 pass.
+        np.testing.assert_allclose(by_gram.notes["grad_norm"], by_data.notes["grad_norm"], rtol=1e-5)
+        assert by_gram.residual <= 1e-8 and by_data.residual <= 1e-8
     auto = mixed_linear.MixedLinear(methods["primal"].model, splits, small_config(solver="direct",
                                                                                   direct_space="primal"),
                                     mesh=mesh.make_mesh(2))
@@ -270,7 +275,7 @@ def test_direct_forget_equals_a_float64_cg_retrain(problem):
     state, _ = ml.forget(states["dual"], splits.user_ids[30:34], sigma=0.0)
     w_cg, info = ml.solve(state, dtype=jnp.float64, tol=1e-12, maxiter=20_000)
     assert bool(info.converged)
-    w_direct = ml._direct_solve(state, state.removed_by, state.w_u)[0]
+    w_direct = ml._direct_solve(state, state.ledger.removed_by, state.w_u)[0]
     np.testing.assert_allclose(ravel64(w_direct), ravel64(w_cg), rtol=1e-7, atol=1e-9)
 
 
@@ -305,12 +310,12 @@ def test_exact_retrain_refactorises_the_reduced_system(problem, space):
     splits, methods, states, dense = problem
     ml = methods[space]
     state = states[space]
-    removed = ledger.record(state.removed_by, np.searchsorted(ml.train_ids, splits.user_ids[5:12]), 1)
-    w, info = ml.reference_solve(state.replace(removed_by=removed))
+    removed = ledger.record(state.ledger.removed_by, np.searchsorted(ml.train_ids, splits.user_ids[5:12]), 1)
+    w, info = ml.reference_solve(ml._with_removed(state, removed))
     assert info["route"] == space and info["converged"] and info["rel_residual"] <= 1e-9
     expected = dense_fixed_minimiser(ml, dense, removed)
     assert np.linalg.norm(ravel64(w) - expected) <= 1e-8 * np.linalg.norm(expected)
-    np.testing.assert_allclose(ravel64(ml.exact_retrain(state.replace(removed_by=removed))), ravel64(w))
+    np.testing.assert_allclose(ravel64(ml.exact_retrain(ml._with_removed(state, removed))), ravel64(w))
 
 
 def test_the_explicit_dual_inverse_serves_the_same_stream_as_the_factor(problem):
@@ -332,9 +337,9 @@ def test_the_explicit_dual_inverse_serves_the_same_stream_as_the_factor(problem)
         if ids[0] == splits.user_ids[50]:
             ml.clear_removal_cache()  # the buffer's memory is kept, its rows are produced again
         state, info = ml.forget(state, ids, sigma=0.0)
-        assert info.solver == "direct-dual" and info.rel_residual <= 1e-8
-        expected = dense_fixed_minimiser(ml, dense, state.removed_by)
-        w64 = ravel64(ml._direct_solve(state, state.removed_by, state.w_u)[0])
+        assert info.solver == "direct-dual" and info.residual <= 1e-8
+        expected = dense_fixed_minimiser(ml, dense, state.ledger.removed_by)
+        w64 = ravel64(ml._direct_solve(state, state.ledger.removed_by, state.w_u)[0])
         assert np.linalg.norm(w64 - expected) <= 1e-8 * np.linalg.norm(expected)
 
 
@@ -343,19 +348,20 @@ def test_the_dual_check_maps_the_dual_residual_to_the_primal_gradient(problem):
     with one float64 J pass and a float32 Jᵀ pass instead of a float64 gradient pass."""
     splits, methods, states, _ = problem
     ml, state = methods["dual"], states["dual"]
-    removed_by = ledger.record(state.removed_by, np.searchsorted(ml.train_ids, splits.user_ids[:4]), 1)
+    removed_by = ledger.record(state.ledger.removed_by, np.searchsorted(ml.train_ids, splits.user_ids[:4]), 1)
     factor = ml.direct_factor(state)
     rows = np.repeat(ledger.retain_mask(removed_by), ml.num_classes)
     noise = np.random.default_rng(0).normal(size=rows.size)
     lin32, fix32 = ml.split(state.core)
     with compat.enable_x64():
-        lin, fix, x, t, c, count = ml._float64_problem(state.core, removed_by)
+        lin, fix, x, t, c, count = ml.problem.float64(state.core, removed_by)
         alpha = factor.solution * (1.0 + 0.1 * jnp.asarray(noise))  # far from the solution: r is not small
-        alpha, w, r, g_norm = ml._dual_check(lin, fix, x, alpha, factor.targets, jnp.asarray(rows, jnp.float64),
-                                             jnp.float64(factor.ridge), count, lin32, fix32, ml._x)
-        g, _ = ml._gradient(lin, fix, w, x, t, c, count, ml.config.mu)
+        alpha, w, r, g_norm = ml._cache.kernels.dual_check(lin, fix, x, alpha, factor.targets,
+                                                           jnp.asarray(rows, jnp.float64), jnp.float64(factor.ridge),
+                                                           count, lin32, fix32, ml.problem.x)
+        g, _ = ml.problem.gradient(lin, fix, w, x, t, c, count)
         assert np.all(np.asarray(alpha)[~rows] == 0) and np.all(np.asarray(r)[~rows] == 0)
-        np.testing.assert_allclose(float(g_norm), float(kernels.tree_norm(g)), rtol=1e-4)
+        np.testing.assert_allclose(float(g_norm), float(optax.tree.norm(g)), rtol=1e-4)
 
 
 def test_a_miss_of_the_dual_fast_check_is_decided_by_a_float64_pass(problem):
@@ -366,12 +372,13 @@ def test_a_miss_of_the_dual_fast_check_is_decided_by_a_float64_pass(problem):
                                   small_config(solver="direct", direct_space="dual", tol=1e-10),
                                   mesh=mesh.make_mesh(2))
     state = ml.init(jax.random.key(0), core=states["dual"].core)
-    fast = ml._dual_request
-    ml._dual_request = lambda *args: (lambda out: (*out[:3], out[3] * 1e6, out[4]))(fast(*args))
+    kern = ml._cache.kernels
+    fast = kern.dual_request
+    kern.dual_request = lambda *args: (lambda out: (*out[:3], out[3] * 1e6, out[4]))(fast(*args))
     state, info = ml.forget(state, splits.user_ids[5:9], sigma=0.0)
-    assert info.rel_residual <= 1e-10 and info.passes == 4.0  # the three of a request and one float64 gradient
-    expected = dense_fixed_minimiser(ml, dense, state.removed_by)
-    assert np.linalg.norm(ravel64(info.w_pre_noise) - expected) <= 1e-6 * np.linalg.norm(expected)
+    assert info.residual <= 1e-10 and info.passes == 4.0  # the three of a request and one float64 gradient
+    expected = dense_fixed_minimiser(ml, dense, state.ledger.removed_by)
+    assert np.linalg.norm(ravel64(state.w_u) - expected) <= 1e-6 * np.linalg.norm(expected)
 
 
 def test_refined_cg_reaches_float64_accuracy_that_float32_cg_cannot(problem):
@@ -386,8 +393,8 @@ def test_refined_cg_reaches_float64_accuracy_that_float32_cg_cannot(problem):
         methods["dual"].model, splits, small_config(solver="cg", tol=1e-9, maxiter=4000, cg_precision="refined"),
         mesh=mesh.make_mesh(2))
     state, info = refined.forget(states["dual"], ids, sigma=0.0)
-    assert info.solver == "cg" and info.rel_residual <= 1e-9 and info.passes >= info.iterations + 2
-    expected = dense_fixed_minimiser(refined, dense, state.removed_by)
+    assert info.solver == "cg" and info.residual <= 1e-9 and info.passes >= info.iterations + 2
+    expected = dense_fixed_minimiser(refined, dense, state.ledger.removed_by)
     # The state holds float32 weights: the float64 solution, rounded.
     assert np.linalg.norm(ravel64(state.w_u) - expected) <= 1e-6 * np.linalg.norm(expected)
     with pytest.raises(errors.ConfigError, match="cg_precision"):
@@ -407,11 +414,12 @@ def test_auto_takes_the_explicit_inverse_on_cpu_only_for_a_long_planned_stream(p
     ml = mixed_linear.MixedLinear(methods["dual"].model, splits, small_config(direct_space="dual"),
                                   mesh=mesh.make_mesh(1))
     rows = ml.num_train * ml.num_classes
-    assert not ml._wants_inverse(rows)  # nothing planned: triangular solves per request are cheaper
+    planned = lambda: ml.direct_capacity * ml.num_classes
+    assert not direct.wants_inverse(ml.config, rows, planned())  # nothing planned: triangular solves are cheaper
     ml.reserve_capacity(rows // (3 * ml.num_classes) + 1)
-    assert ml._wants_inverse(rows)
+    assert direct.wants_inverse(ml.config, rows, planned())
     with pytest.raises(errors.ConfigError, match="direct_inverse"):
-        mixed_linear.MixedLinear(ml.model, splits, small_config(direct_inverse="yes"))._wants_inverse(rows)
+        direct.wants_inverse(small_config(direct_inverse="yes"), rows, planned())
 
 
 def test_cores_trained_in_parallel_equal_cores_trained_one_by_one(problem):
@@ -423,3 +431,60 @@ def test_cores_trained_in_parallel_equal_cores_trained_one_by_one(problem):
         alone = ml.train_core(key)
         for a, b in zip(jax.tree.leaves(core), jax.tree.leaves(alone), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The stream state: replayed from the ledger, bit for bit; no implicit host-to-device copy in a request
+# ------------------------------------------------------------------------------------------------
+
+
+def restored(state):
+    """``state`` after a host round trip, as a checkpoint restore gives it: new arrays, same content."""
+    return jax.tree.map(lambda a: jnp.array(np.asarray(a)), state)
+
+
+@pytest.mark.parametrize("space", ["primal", "dual"])
+def test_a_fresh_object_replays_the_ledger_and_forgets_bit_for_bit_like_the_live_one(problem, space):
+    """The live object folds each request into its stream (running Woodbury inverse / removal rows); a fresh object
+    given the restored state rebuilds that stream by replaying the ledger request by request, so the next request
+    gives identical bits, and so does the live object after its stream is dropped. Under the transfer guard: the
+    fresh object's factorisation and replay make no implicit host-to-device copy either."""
+    splits, methods, states, _ = problem
+    live = methods[space]
+    requests = (splits.user_ids[36:39], splits.user_ids[39:46], splits.user_ids[46:47], splits.user_ids[47:51])
+    state = states[space]
+    for ids in requests[:3]:
+        state, _ = live.forget(state, ids, sigma=0.0)
+    after_live, info_live = live.forget(state, requests[3], sigma=0.0)
+    cfg = live.config.copy_and_resolve_references()
+    if space == "primal":  # "auto" decides how to check a request by timing: pin the live object's choice
+        cfg.direct_check = live.direct_factor(state).check
+    fresh, state_restored = mixed_linear.MixedLinear(live.model, splits, cfg, mesh=mesh.make_mesh(2)), restored(state)
+    with jax.transfer_guard_host_to_device("disallow"):
+        after_fresh, info_fresh = fresh.forget(state_restored, requests[3], sigma=0.0)
+    live.clear_removal_cache()
+    after_replay, info_replay = live.forget(state, requests[3], sigma=0.0)
+    for other, info in ((after_fresh, info_fresh), (after_replay, info_replay)):
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, other.w_u),
+                     jax.tree.map(np.asarray, after_live.w_u))
+        assert info.residual == info_live.residual and info.solver == f"direct-{space}"
+    np.testing.assert_array_equal(np.asarray(after_fresh.ledger.removed_by), np.asarray(after_live.ledger.removed_by))
+
+
+@pytest.mark.parametrize("path", ["cg", "refined", "sgd"])
+def test_matrix_free_requests_make_no_implicit_host_to_device_copy(problem, path):
+    """Every copy a request makes is explicit (device_put, replicate): it runs under the transfer guard, from the
+    solver's lazy builds (preconditioner, β) to the noise. The direct paths are covered above."""
+    splits, methods, states, dense = problem
+    settings = {"cg": dict(solver="cg", preconditioner="nystrom", nystrom_rank=16, tol=1e-6),
+                "refined": dict(solver="cg", cg_precision="refined", tol=1e-9, maxiter=4000),
+                "sgd": dict(solver="sgd", sgd_batch_size=32, sgd_epochs=2)}[path]
+    ml = mixed_linear.MixedLinear(methods["dual"].model, splits, small_config(**settings), mesh=mesh.make_mesh(2))
+    state = states["dual"]
+    with jax.transfer_guard_host_to_device("disallow"):
+        state, info = ml.forget(state, splits.user_ids[30:33], sigma=1e-3 if path == "cg" else 0.0)
+        state, info = ml.forget(state, splits.user_ids[33:35], sigma=0.0)
+    assert info.solver == ("sgd" if path == "sgd" else "cg") and info.request == 2
+    if path != "sgd":  # the paper's few-epoch SGD is not meant to reach the minimiser
+        expected = dense_fixed_minimiser(ml, dense, state.ledger.removed_by)
+        assert np.linalg.norm(ravel64(state.w_u) - expected) <= 1e-5 * np.linalg.norm(expected)

@@ -43,14 +43,14 @@ def test_quick_run_is_killed_then_resumes_and_reports(tmp_path):
     assert [r["request"] for r in report["requests"]] == [1, 2, 3]
     assert report["resumed_at"] and 1 <= report["resumed_at"][0] < 3
     for r in report["requests"]:
-        assert r["solver_residual_rel"] <= 1e-3  # the target on the quick config
+        assert r["rel_weight_distance"] <= 1e-3  # the target on the quick config
         assert r["influence_left"] <= 0.05  # >= 95 % of the request's influence removed
-        assert r["forget"]["num_forgotten"] == 10 and r["oracle"]["converged"]
-        assert set(r["speedup_vs_retrain"]) == {"cg_retrain", "sgd_retrain"}
+        assert r["forget"]["num_forgotten"] == 10 and r["oracle"]["source"] in ("trained", "loaded")
+        assert set(r["speedup_vs_retrain"]) == {"retrain", "cg_retrain", "sgd_retrain"}
         for name in ("forget", "retain", "test"):
             assert 0.0 <= r["readouts"][name]["accuracy"] <= 1.0
     assert report["recompilations_between_requests"] == 0
-    assert report["forget_all"]["max_abs_logit_diff_to_core"] == 0.0
+    assert report["method_readouts"]["forget_all"]["max_abs_logit_diff_to_core"] == 0.0
     assert report["environment"]["jax"] and report["config"]["method"]["linearize"] == "head"
     assert (workdir / "requests.png").stat().st_size > 10_000
     assert (workdir / "sigma_sweep.png").stat().st_size > 10_000

@@ -1,0 +1,122 @@
+"""Job configs: every field of the forget job and of the comparison defined once, with one validation function each.
+
+A config file (``configs/<method>_<data>.py``) starts from these defaults and overrides fields; a field that is not
+defined here (or in :func:`jaxforget.data.default_config` and the method's ``default_config``) is an error, so a typo
+on the command line (``--config.method.sigam=...``) fails with the valid names instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxforget import data as data_lib
+from jaxforget import errors
+from jaxforget.methods import base, get_method
+
+
+def runtime_fields(config: ml_collections.ConfigDict) -> None:
+    """Adds the runtime section shared by every job: ``seed``, ``num_devices`` (0: all devices)."""
+    config.seed = 0
+    config.num_devices = 0
+
+
+def forget_job(method: str, model: dict) -> ml_collections.ConfigDict:
+    """The forget job's config for ``method`` (its default method config) on the default data."""
+    c = ml_collections.ConfigDict()
+    c.data = data_lib.default_config()
+    c.model = ml_collections.ConfigDict(model)
+    c.method = get_method(method).default_config()
+    # Requests: sequential, each a fixed-seed random draw of `fraction` of the ids the method may forget.
+    c.requests = ml_collections.ConfigDict(dict(num_requests=10, fraction=0.01, seed=0))
+    # Evaluation: the method's timed baselines besides its retrain; the oracle cache ("": <workdir>/oracle_cache).
+    c.eval = ml_collections.ConfigDict(dict(baselines=(), oracle_cache=""))
+    runtime_fields(c)
+    c.checkpoint_max_to_keep = 2
+    return c
+
+
+def _check_sections(config, want: tuple[str, ...], where: str) -> None:
+    have = set(config.keys())
+    if have - set(want):
+        raise errors.ConfigError(f"{where}: unknown config field(s) {sorted(have - set(want))}; valid: {list(want)}.")
+    if set(want) - have:
+        raise errors.ConfigError(f"{where}: missing config field(s) {sorted(set(want) - have)}.")
+
+
+def validate_forget_job(config: ml_collections.ConfigDict) -> None:
+    """Checks a forget job's config (sections, types, ranges); the method and data sections by their own validators.
+
+    Raises:
+      ConfigError: naming the first invalid or unknown field. KeyError: an unknown method (the valid ones listed).
+    """
+    _check_sections(config, ("data", "model", "method", "requests", "eval", "seed", "num_devices",
+                             "checkpoint_max_to_keep"), "forget job")
+    data_lib.validate_config(config.data)
+    get_method(config.method.name).validate_config(config.method)
+    base.validate_fields(config.requests, ml_collections.ConfigDict(dict(num_requests=1, fraction=0.0, seed=0)),
+                         "requests")
+    base.check_range(config.requests.num_requests, "requests.num_requests", low=1)
+    base.check_range(config.requests.fraction, "requests.fraction", low=0, high=1, low_open=True)
+    base.check_range(config.requests.seed, "requests.seed", low=0)
+    base.validate_fields(config.eval, ml_collections.ConfigDict(dict(baselines=(), oracle_cache="")), "eval")
+    _check_runtime(config)
+    base.check_range(config.checkpoint_max_to_keep, "checkpoint_max_to_keep", low=1)
+
+
+def _check_runtime(config) -> None:
+    for field in ("seed", "num_devices"):
+        value = config[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise errors.ConfigError(f"{field} must be an integer >= 0, got {value!r}.")
+
+
+def compare_job() -> ml_collections.ConfigDict:
+    """The comparison's config with no methods yet (``methods.<label> = method_entry(...)`` adds one)."""
+    c = ml_collections.ConfigDict()
+    c.data = data_lib.default_config()
+    c.methods = ml_collections.ConfigDict(sort_keys=False)  # the report lists methods in this order
+    c.seeds = (0, 1, 2)  # each fixes initialisations and data orders, the request draw and noise keys
+    c.forget_fraction = 0.15
+    c.eval = ml_collections.ConfigDict(dict(
+        n_models=64,  # per population (the challenge's N); 2N retrains are cached
+        # "per_model": N independent originals, each unlearned once, vs 2N independent retrains (the spread of
+        # training itself); "single": the challenge's one original, the spread is the method's own randomness.
+        originals="per_model",
+        oracle_cache="",  # "": <workdir>/oracle_cache
+        relearn=ml_collections.ConfigDict(dict(mode="forget_plus_retain", size=500, batch_size=128,
+                                               learning_rate=0.01, momentum=0.9, max_epochs=30)),
+    ))
+    c.num_devices = 0
+    return c
+
+
+def method_entry(method: str, model: dict, baselines: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """One entry of a comparison: a model, a method config (its defaults, to override) and its timed baselines."""
+    return ml_collections.ConfigDict(dict(model=ml_collections.ConfigDict(model),
+                                          method=get_method(method).default_config(), baselines=tuple(baselines)))
+
+
+def validate_compare(config: ml_collections.ConfigDict) -> None:
+    """Checks a comparison's config, every method entry by its method's validator.
+
+    Raises:
+      ConfigError: naming the first invalid or unknown field. KeyError: an unknown method name.
+    """
+    _check_sections(config, ("data", "methods", "seeds", "forget_fraction", "eval", "num_devices"), "compare")
+    data_lib.validate_config(config.data)
+    if not config.methods:
+        raise errors.ConfigError("compare: config.methods is empty; add at least one method entry.")
+    for label, entry in config.methods.items():
+        _check_sections(entry, ("model", "method", "baselines"), f"compare: methods.{label}")
+        get_method(entry.method.name).validate_config(entry.method)
+    if not config.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in config.seeds):
+        raise errors.ConfigError(f"compare: seeds must be a non-empty tuple of integers >= 0, got {config.seeds!r}.")
+    base.check_range(config.forget_fraction, "compare: forget_fraction", low=0, high=0.5, low_open=True)
+    base.validate_fields(config.eval, compare_job().eval, "compare: eval")
+    base.check_range(config.eval.n_models, "compare: eval.n_models", low=2)
+    base.check_choice(config.eval.originals, ("single", "per_model"), "compare: eval.originals")
+    rc = config.eval.relearn
+    base.check_choice(rc.mode, ("resample", "forget_plus_retain"), "compare: eval.relearn.mode")
+    for field in ("size", "batch_size", "max_epochs"):
+        base.check_range(rc[field], f"compare: eval.relearn.{field}", low=1)
+    _check_runtime(ml_collections.ConfigDict(dict(seed=0, num_devices=config.num_devices)))

@@ -1,0 +1,108 @@
+"""The method contract, proven from outside the library: a method defined in this file (not in ``jaxforget``) runs
+through the forget job, the comparison and the benchmark, with no change to any library file; the registry names
+its methods and refuses unknown ones."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from helpers import TINY_MLP, tiny_data, tiny_forget_job, tiny_method
+
+from jaxforget import benchmark, compare, experiment, methods, report, train
+from jaxforget import config as config_lib
+from jaxforget.methods import ClassifierMethod
+
+pytestmark = pytest.mark.xdist_group("contract")
+
+
+class OneEpochFinetune(ClassifierMethod):
+    """Fine-tunes the published classifier for one epoch on the retained data (a new method in 15 lines)."""
+
+    name = "one_epoch_finetune"
+
+    def unlearn(self, state, *, forget_rows, retain_rows, key):
+        del forget_rows
+        batch = min(self.config.train.batch_size, len(retain_rows))
+        seed, steps = methods.base.seed_of(key), len(retain_rows) // batch  # host-side: requests run under a guard
+        plan = lambda epoch: train.epoch_plan(retain_rows, batch, seed=seed, epoch=epoch,
+                                              num_steps=self.num_train // batch)
+        variables, _ = train.fit(self.model, state.variables, self.splits.train.x, self.splits.train.y, plan,
+                                 epochs=1, total_steps=steps, learning_rate=0.01, momentum=0.9)
+        return variables, {"steps": steps, "examples": steps * batch}
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """The new method under its name, for this test only (one registry line, set from outside the library)."""
+    monkeypatch.setitem(methods.METHODS, OneEpochFinetune.name, OneEpochFinetune)
+
+
+def test_the_registry_names_every_method_and_refuses_unknown_ones():
+    assert {"mixed_linear", "retrain", "finetune", "neggrad", "random_label"} <= set(methods.METHODS)
+    with pytest.raises(KeyError, match="Unknown method 'finetuen'; valid: finetune, mixed_linear, neggrad"):
+        methods.get_method("finetuen")
+    for name, cls in methods.METHODS.items():
+        assert cls.name == name and cls.default_config().name == name
+
+
+def test_a_new_method_runs_the_forget_job(registered, tmp_path):
+    rep = experiment.run(tiny_forget_job(OneEpochFinetune.name), str(tmp_path))
+    assert rep["method"] == OneEpochFinetune.name and [r["request"] for r in rep["requests"]] == [1, 2]
+    for r in rep["requests"]:
+        assert r["forget"]["solver"] == OneEpochFinetune.name and r["forget"]["iterations"] > 0
+        assert 0 < r["rel_weight_distance"] < float("inf") and set(r["retrain"]) == {"retrain"}
+        assert r["readouts"]["test"]["oracle_accuracy"] > 0.5  # the gold standard learned the task
+    assert rep["recompilations_between_requests"] == 0
+    assert "one_epoch_finetune forget" in report.markdown_table(rep)
+
+
+def test_a_new_method_runs_the_comparison(registered, tmp_path):
+    config = config_lib.compare_job()
+    config.data = tiny_data()
+    config.methods[OneEpochFinetune.name] = config_lib.method_entry(OneEpochFinetune.name, TINY_MLP)
+    tiny_method(config.methods[OneEpochFinetune.name].method)
+    config.seeds, config.eval.n_models = (0, 1, 2), 4
+    config.eval.relearn.max_epochs, config.eval.relearn.size = 2, 100
+    rep = compare.run(config, str(tmp_path))
+    report.validate_compare_report(rep)
+    assert rep["methods"] == [OneEpochFinetune.name] and rep["seeds"] == [0, 1, 2]
+    accuracy = {r["split"]: r for r in rep["metrics"] if r["name"] == "accuracy"}
+    assert set(accuracy) == {"forget", "retain", "test"} and accuracy["test"]["retrain_mean"] > 0.5
+    assert rep["challenge"][OneEpochFinetune.name]["n_models"] == 4
+
+
+def test_a_new_method_runs_the_benchmark(registered, tmp_path):
+    config = benchmark_config(tiny_forget_job(OneEpochFinetune.name))
+    out = benchmark.run(config, str(tmp_path))
+    w = out["workloads"]["new"]
+    assert w["method"] == OneEpochFinetune.name and len(w["per_request"]) == 2
+    for r in w["per_request"]:
+        assert r["forget_over_retrain_time"]["retrain"] == pytest.approx(
+            r["forget_seconds"] / r["retrain"]["retrain"]["seconds"], rel=1e-9)
+    assert json.loads((tmp_path / "benchmark.json").read_text())["workloads"]["new"]["method"] == OneEpochFinetune.name
+    assert "| new | one_epoch_finetune |" in benchmark.markdown(out)
+
+
+def benchmark_config(job):
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(
+        repeats=1, workloads={"new": job}, targets=dict(max_time_ratio={"retrain": 0.2}), studies={},
+        evaluation=dict(n_models=4, num_examples=10, bruteforce_examples=2)))
+
+
+def test_every_registered_method_checkpoints_through_its_abstract_state(tmp_path):
+    """A state restores into ``abstract_state()`` with the same structure, shapes and dtypes, for every method."""
+    from jaxforget import checkpoint
+
+    for name in methods.METHODS:
+        method = methods.build(tiny_forget_job(name))
+        state = method.init(jax.random.key(0))
+        ckpt = checkpoint.Checkpointer(str(tmp_path / name))
+        ckpt.save(0, state, {"method": name})
+        restored, meta = ckpt.restore(0, method.abstract_state())
+        ckpt.close()
+        assert meta == {"method": name}
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,150 @@
+"""Train once, forget over time, verify: the workflow from Python and from the launchers, its ledger, idempotent
+replays, and every bad input refused by name with the saved state unchanged."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from helpers import tiny_forget_job
+
+from jaxforget import checkpoint, errors, methods, workflow
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.xdist_group("workflow")
+
+
+def saved_steps(workdir):
+    return sorted(p.name for p in (Path(workdir) / "checkpoints").iterdir())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("model"))
+    config = tiny_forget_job("finetune")
+    return workdir, config, workflow.train(config, workdir)
+
+
+def test_train_saves_the_model_and_the_ids_a_request_may_name(trained):
+    workdir, config, model = trained
+    assert model["method"] == "finetune" and len(model["forgettable_ids"]) == model["num_train"]
+    assert json.loads((Path(workdir) / "model.json").read_text())["config_sha256"] == workflow.config_sha256(config)
+    assert workflow.train(config, workdir) == json.loads((Path(workdir) / "model.json").read_text())  # a no-op
+    other = tiny_forget_job("neggrad")
+    with pytest.raises(workflow.WorkdirError, match=r"already holds a model of method 'finetune'.*method 'neggrad'"):
+        workflow.train(other, workdir)
+
+
+def test_a_request_is_applied_once_recorded_and_verified(trained):
+    workdir, config, model = trained
+    method, state, _, _ = workflow.load(workdir)
+    ids = np.asarray(model["forgettable_ids"][:5])
+    live, _ = method.forget(state, ids)  # what the live object would do with the same request
+    record = workflow.forget(workdir, ids, request_id="ticket-1")
+    assert record["status"] == "applied" and record["request"] == 1 and record["ids"] == sorted(ids.tolist())
+    assert record["params_sha256_before"] != record["params_sha256_after"]
+    # The restored state forgets exactly like the live one: the same parameters, bit for bit.
+    assert record["params_sha256_after"] == workflow.params_sha256(method.params(live))
+    steps = saved_steps(workdir)
+    again = workflow.forget(workdir, ids[::-1], request_id="ticket-1")  # a replay: reported, not applied twice
+    assert again["status"] == "already_applied" and saved_steps(workdir) == steps
+    with pytest.raises(workflow.RequestIdError, match="'ticket-1' was already applied"):
+        workflow.forget(workdir, model["forgettable_ids"][10:12], request_id="ticket-1")
+    assert saved_steps(workdir) == steps
+    result = workflow.verify(workdir)
+    assert result["ok"], result
+    ledger = json.loads((Path(workdir) / "ledger.json").read_text())["requests"]
+    assert [r["request_id"] for r in ledger] == ["ticket-1"]
+
+
+@pytest.mark.parametrize("ids, error, message", [
+    ([], errors.EmptyRequestError, "empty"),
+    ([10**9], errors.UnknownIdsError, "Unknown sample ids"),
+    ("FIRST,FIRST", errors.DuplicateIdsError, "Duplicate ids"),
+])
+def test_bad_requests_are_refused_by_name_and_change_nothing(trained, ids, error, message):
+    workdir, _, model = trained
+    if ids == "FIRST,FIRST":
+        ids = [model["forgettable_ids"][20]] * 2
+    steps = saved_steps(workdir)
+    with pytest.raises(error, match=message):
+        workflow.forget(workdir, ids)
+    assert saved_steps(workdir) == steps
+
+
+def test_ids_files_parse_or_name_the_bad_line(tmp_path):
+    good = tmp_path / "ids.csv"
+    good.write_text("id\n3\n5, 9  # a comment\n\n11;12\n")
+    assert workflow.parse_ids(str(good)).tolist() == [3, 5, 9, 11, 12]
+    np.save(tmp_path / "ids.npy", np.array([4, 2]))
+    assert workflow.parse_ids(str(tmp_path / "ids.npy")).tolist() == [4, 2]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("3\n4\nfive\n")
+    with pytest.raises(errors.ShapeDtypeError, match=r"bad.txt, line 3: 'five' is not an integer id"):
+        workflow.parse_ids(str(bad))
+    with pytest.raises(errors.EmptyRequestError):
+        workflow.parse_ids(str(tmp_path / "ids.csv").replace("ids.csv", "ids.csv") if False else "#")
+
+
+def test_evaluate_judges_against_a_retrain_and_catches_a_tampered_ledger(trained, tmp_path):
+    workdir, _, _ = trained
+    out = workflow.evaluate_workdir(workdir)
+    assert out["verification"]["ok"] and out["num_forgotten"] == 5
+    assert 0 <= out["readouts"]["test"]["oracle_accuracy"] <= 1
+    assert json.loads((Path(workdir) / "evaluation.json").read_text())["method"] == "finetune"
+    # A checkpoint whose ledger record does not match its state fails verification, naming the check.
+    method, state, meta, step = workflow.load(workdir)
+    forged = {**meta, "ledger": [{**meta["ledger"][0], "ids": meta["ledger"][0]["ids"][:-1]}]}
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    ckpt.save(step + 1, state, forged)
+    ckpt.close()
+    with pytest.raises(workflow.VerificationError, match="ledger: .*the ledger 4"):
+        workflow.evaluate_workdir(workdir)
+
+
+def test_mixed_linear_refuses_core_ids_and_another_config(tmp_path):
+    workdir = str(tmp_path / "ml")
+    config = tiny_forget_job("mixed_linear")
+    config.method.linearize = "head"
+    model = workflow.train(config, workdir)
+    method = methods.build(config)
+    core = method.splits.core_ids[:2]
+    assert not set(core.tolist()) & set(model["forgettable_ids"])
+    steps = saved_steps(workdir)
+    with pytest.raises(errors.CoreIdsError, match="core set"):
+        workflow.forget(workdir, core)
+    other = tiny_forget_job("finetune")
+    with pytest.raises(workflow.WorkdirError, match=r"method 'mixed_linear'.*given config is method 'finetune'"):
+        workflow.forget(workdir, model["forgettable_ids"][:2], config=other)
+    assert saved_steps(workdir) == steps
+    record = workflow.forget(workdir, model["forgettable_ids"][:3])
+    assert record["request_id"] == "request-1" and record["info"]["solver"].startswith("direct")
+    out = workflow.evaluate_workdir(workdir)
+    assert out["readouts"]["weights"]["relative"] <= 1e-3  # the exact forget sits on its retrain
+
+
+def test_the_launchers_train_forget_and_evaluate(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXFORGET_PROGRESS="0")
+    workdir = tmp_path / "cli"
+
+    def launch(module, *args):
+        return subprocess.run([sys.executable, "-m", f"launch.{module}", f"--workdir={workdir}", *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    out = launch("train", "--config=configs/baselines_digits.py:method=random_label,quick")
+    assert out.returncode == 0, out.stderr
+    ids = json.loads((workdir / "model.json").read_text())["forgettable_ids"][:4]
+    (tmp_path / "ids.txt").write_text("\n".join(map(str, ids)))
+    out = launch("forget", f"--ids={tmp_path / 'ids.txt'}", "--request_id=t-1")
+    assert out.returncode == 0 and "forgot 4 ids (t-1) with random_label" in out.stdout, out.stderr
+    out = launch("forget", f"--ids={ids[0]},{ids[0] + 100000}")
+    assert out.returncode == 2 and "error: UnknownIdsError" in out.stderr
+    out = launch("evaluate")
+    assert out.returncode == 0 and "verification OK" in out.stdout, out.stderr
+    out = launch("evaluate", "--verify_only")
+    assert out.returncode == 0 and json.loads(out.stdout)["ok"]
+    _ = jax  # the launchers run in subprocesses; this process only reads their files
