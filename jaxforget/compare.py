@@ -444,7 +444,8 @@ def _assemble(config, seeds, labels, results, built) -> dict:
         }
     timings = {m: report.timing_record([{"seed": r["seed"], "seconds": r["methods"][m]["seconds"],
                                          "retrain_seconds": r["methods"][m]["retrain_seconds"],
-                                         "baseline_seconds": r["methods"][m]["baseline_seconds"]} for r in results])
+                                         "baseline_seconds": r["methods"][m]["baseline_seconds"],
+                                         "compilations": r["methods"][m]["compilations"]} for r in results])
                for m in labels}
     evaluation = {}
     for m in labels:
@@ -476,6 +477,8 @@ def _assemble(config, seeds, labels, results, built) -> dict:
         "method_info": {m: [r["methods"][m]["info"] for r in results] for m in labels},
         "flags": {
             "efficient": {m: timings[m]["efficient"] for m in labels},
+            # Compilations inside a timed request (after its warm-up): nonzero means its time includes compilation.
+            "compiled_in_timed_request": {m: sum(r["methods"][m]["compilations"] for r in results) for m in labels},
             "censored": {m: sum(bool(e.get("censored")) for rec in metrics if rec["method"] == m
                                 and rec["name"] == "relearn_epochs" for e in rec["per_seed"]) for m in labels},
             "deviations": [

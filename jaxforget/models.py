@@ -594,13 +594,26 @@ def init_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...
         raise ShapeDtypeError(f"input_shape must be one example's shape (H, W, C), got {input_shape!r}.")
     shape = tuple(int(d) for d in shape)
 
-    def init(k: jax.Array) -> PyTree:
-        return model.init(k, jnp.zeros((1, *shape), model.param_dtype), train=False)
-
-    variables = _plain(jax.jit(init)(key))
+    variables = _plain(_jitted_init(model, shape)(key))
     # jit returns dicts with sorted keys; put params first and its groups in forward order, for readability.
     params = variables.pop("params")
     return {"params": {name: params[name] for name in layer_names(params)}, **variables}
+
+
+def _jitted_init(model: nn.Module, shape: tuple[int, ...]) -> Callable:
+    """The jitted initialiser of ``model`` for one example's ``shape``, built once per (model, shape): a fresh
+    ``jax.jit`` of a new closure would compile again on every call (a retrain initialises a model every time)."""
+    try:
+        return _cached_init(model, shape)
+    except TypeError:  # an unhashable model (e.g. list attributes): compile for this call only
+        return _make_init(model, shape)
+
+
+def _make_init(model: nn.Module, shape: tuple[int, ...]) -> Callable:
+    return jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape), model.param_dtype), train=False))
+
+
+_cached_init = functools.lru_cache(maxsize=32)(_make_init)
 
 
 def count_params(params: PyTree) -> int:

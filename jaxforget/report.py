@@ -613,6 +613,8 @@ def compare_markdown(rep: dict) -> str:
     flags = rep.get("flags") or {}
     notes = [f"- deviation: {_as_text(d)}" for d in flags.get("deviations") or []]
     notes += [f"- censored: {k}: {_as_text(v)}" for k, v in (flags.get("censored") or {}).items() if v]
+    notes += [f"- compiled inside the timed request (its time includes compilation): {k}: {_as_text(v)}"
+              for k, v in (flags.get("compiled_in_timed_request") or {}).items() if v]
     if notes:
         lines += ["", "Flags:", *notes]
     return "\n".join(lines)

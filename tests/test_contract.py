@@ -55,6 +55,12 @@ def test_a_new_method_runs_the_forget_job(registered, tmp_path):
         assert r["readouts"]["test"]["oracle_accuracy"] > 0.5  # the gold standard learned the task
     assert rep["recompilations_between_requests"] == 0
     assert "one_epoch_finetune forget" in report.markdown_table(rep)
+    # Retrain oracles are cached by content: a rerun elsewhere with the same cache trains none.
+    job = tiny_forget_job(OneEpochFinetune.name)
+    job.eval.oracle_cache = str(tmp_path / "oracle_cache")
+    again = experiment.run(job, str(tmp_path / "again"))
+    assert [r["oracle"]["source"] for r in again["requests"]] == ["loaded", "loaded"]
+    assert [r["readouts"] for r in again["requests"]] == [r["readouts"] for r in rep["requests"]]
 
 
 def test_a_new_method_runs_the_comparison(registered, tmp_path):
