@@ -11,8 +11,8 @@ every method may forget; ≈150 samples, enough for the membership attacks), the
 is judged against its own gold standard (mixed-linear: the exact retrain on the same core; the baselines: the MLP
 retrained from scratch), and, for the distributional scores, ``n_models`` independent originals against 2 ×
 ``n_models`` independent retrains (``originals=per_model``), cached under ``<workdir>/oracle_cache``. Runtime on 2
-CPU cores: about half an hour (quick: a few minutes). Results: ``report.json``, ``compare.md`` and PNGs; the README's
-comparison table is generated from ``report.json``.
+CPU cores: about a quarter of an hour (quick: a few minutes). Results: ``report.json``, ``compare.md`` and PNGs; the
+README's comparison table is generated from ``report.json``.
 """
 
 from __future__ import annotations

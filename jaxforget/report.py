@@ -604,7 +604,7 @@ def compare_markdown(rep: dict) -> str:
     shared = (rep.get("evaluation_timings") or {}).get("shared")
     if shared:
         lines += ["", f"Evaluation time per seed, shared by every method: populations "
-                      f"{shared['population_seconds']:.1f} s, float64 oracle solve "
+                      f"{shared['population_seconds']:.1f} s, retrain oracle (mean over method groups) "
                       f"{shared['oracle_solve_seconds']:.2f} s; "
                       "per method: accuracies and distances, membership attacks, relearn and the distributional "
                       "scores (the summary's last column, against the unlearning time it evaluates)."]

@@ -2,6 +2,7 @@
 physically reduced data), ``retrain`` as a method equals its own gold standard, and each baseline does what its
 name says: fine-tuning lowers the retained loss, NegGrad raises the forget loss, random labels move D_f."""
 
+import chex
 import jax
 import ml_collections
 import numpy as np
@@ -42,6 +43,19 @@ def test_training_on_masked_rows_equals_training_on_the_reduced_data():
     reduced, _ = train.train_classifier(model, v, ds.x[rows], ds.y[rows], **kw)
     for a, b in zip(jax.tree.leaves(masked), jax.tree.leaves(reduced), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same batches, the same updates
+
+
+def test_one_compiled_epoch_serves_every_retained_set():
+    """Plans over different row sets keep one shape: the epoch traces once (chex.assert_max_traces)."""
+    ds = data.synthetic(120, image_shape=(4, 4, 1), num_classes=3, seed=0)
+    model = models.MLP(hidden=(8,), num_classes=3)
+    v = models.init_variables(model, jax.random.key(1), ds.x.shape[1:])
+    epoch = jax.jit(chex.assert_max_traces(train._classifier_epoch(model), n=1))
+    opt = train.init_optimizer(v["params"], momentum=0.9)
+    lr, total, count = train.scalar(0.1, np.float32), train.scalar(10, np.float32), train.scalar(0, np.int32)
+    for rows in (np.arange(120), np.arange(7, 120), np.arange(0, 120, 2)):
+        plan = tuple(jax.device_put(a) for a in train.epoch_plan(rows, 16, seed=0, epoch=0, num_steps=120 // 16))
+        epoch(v, opt, count, jax.device_put(ds.x), jax.device_put(ds.y), plan, lr, total)
 
 
 def test_weighted_cross_entropy_is_the_neggrad_plus_objective():
