@@ -24,6 +24,7 @@ from jaxforget import (
     solvers,
     timing,
     train,
+    woodbury,
     workflow,
 )
 from jaxforget.errors import (
@@ -48,5 +49,6 @@ __all__ = [
     "DuplicateIdsError", "EmptyRequestError", "ForgetInfo", "Ledger", "Method", "MixedLinear", "MixedLinearState",
     "NonFiniteError", "ShapeDtypeError", "UnknownIdsError", "build", "checkpoint", "compat", "config", "data",
     "default_method_config", "distributional", "errors", "evaluate", "experiment", "get_method", "kernels", "ledger",
-    "mesh", "methods", "mia", "models", "oracle", "report", "solvers", "timing", "train", "workflow",
+    "mesh", "methods", "mia", "models", "oracle", "report", "solvers", "timing", "train", "woodbury",
+    "workflow",
 ]

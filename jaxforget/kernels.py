@@ -12,9 +12,9 @@
   iterations and the *true* final residual, with residual replacement so float32 drift cannot fake
   convergence.
 
-Solvers built on these (Newton-CG, its mixed-precision refinement, the Nyström preconditioner, direct
-Woodbury / Schur removal) live in :mod:`jaxforget.solvers`. Nothing here materialises a P×P matrix. Sums over a
-dataset are composed with :func:`jaxforget.mesh.data_parallel_sum`.
+Solvers built on these live in :mod:`jaxforget.solvers` (Newton-CG, its mixed-precision refinement, the Nyström
+preconditioner) and :mod:`jaxforget.woodbury` (direct Woodbury / Schur removal). Nothing here materialises a P×P
+matrix. Sums over a dataset are composed with :func:`jaxforget.mesh.data_parallel_sum`.
 """
 
 from __future__ import annotations

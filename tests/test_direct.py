@@ -7,7 +7,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from jaxforget import compat, data, errors, kernels, ledger, mesh, models, solvers
+from jaxforget import compat, data, errors, kernels, ledger, mesh, models, woodbury
 from jaxforget.methods import mixed_linear
 from jaxforget.methods.mixed_linear import direct
 
@@ -38,20 +38,20 @@ def test_dual_and_primal_removal_equal_a_dense_solve_of_the_reduced_problem(rows
     removed = np.array([3, 7, 8, 19])
     expected = reduced_solution(jac, targets, lam, removed)
     with compat.enable_x64():
-        chol = solvers.spd_cholesky(jnp.asarray(jac @ jac.T + lam * np.eye(rows)))
+        chol = woodbury.spd_cholesky(jnp.asarray(jac @ jac.T + lam * np.eye(rows)))
         t = jnp.asarray(targets)
         # Padding: two extra (invalid) slots pointing at arbitrary rows change nothing.
         padded = np.concatenate([removed, [0, 5]])
         valid = np.array([True] * len(removed) + [False, False])
-        inv_rows = solvers.cholesky_solve(chol, jnp.eye(rows, dtype=jnp.float64)[:, padded]).T
-        alpha = solvers.dual_remove_rows(inv_rows, solvers.cholesky_solve(chol, t), t[padded], jnp.asarray(padded),
+        inv_rows = woodbury.cholesky_solve(chol, jnp.eye(rows, dtype=jnp.float64)[:, padded]).T
+        alpha = woodbury.dual_remove_rows(inv_rows, woodbury.cholesky_solve(chol, t), t[padded], jnp.asarray(padded),
                                          jnp.asarray(valid))
         np.testing.assert_allclose(np.asarray(alpha)[removed], 0.0, atol=1e-12)
         w_dual = jac.T @ np.asarray(alpha)
-        a_inv = solvers.cholesky_inverse(solvers.spd_cholesky(jnp.asarray(jac.T @ jac + lam * np.eye(params))))
+        a_inv = woodbury.cholesky_inverse(woodbury.spd_cholesky(jnp.asarray(jac.T @ jac + lam * np.eye(params))))
         rows_f = np.vstack([jac[removed], np.zeros((2, params))])
         t_f = np.concatenate([targets[removed], [0.0, 0.0]])
-        inv_r, rhs_r = solvers.primal_remove_rows(a_inv, jnp.asarray(jac.T @ targets), jnp.asarray(rows_f),
+        inv_r, rhs_r = woodbury.primal_remove_rows(a_inv, jnp.asarray(jac.T @ targets), jnp.asarray(rows_f),
                                                   jnp.asarray(t_f))
         w_primal = np.asarray(inv_r @ rhs_r)
         keep = np.setdiff1d(np.arange(rows), removed)
@@ -70,14 +70,14 @@ def test_a_sequence_of_downdates_equals_refactoring_the_reduced_gram_matrix():
     rng = np.random.default_rng(1)
     jac, targets, lam = random_problem(rng, 60, 80, lam=1e-2)
     with compat.enable_x64():
-        chol = solvers.spd_cholesky(jnp.asarray(jac @ jac.T + lam * np.eye(60)))
+        chol = woodbury.spd_cholesky(jnp.asarray(jac @ jac.T + lam * np.eye(60)))
         t = jnp.asarray(targets)
-        a_full = solvers.cholesky_solve(chol, t)
+        a_full = woodbury.cholesky_solve(chol, t)
         removed = np.array([], np.int64)
         for request in ([4, 5], [30], [11, 12, 13, 50]):
             removed = np.concatenate([removed, request])
-            inv_rows = solvers.cholesky_solve(chol, jnp.eye(60, dtype=jnp.float64)[:, removed]).T
-            alpha = solvers.dual_remove_rows(inv_rows, a_full, t[removed], jnp.asarray(removed),
+            inv_rows = woodbury.cholesky_solve(chol, jnp.eye(60, dtype=jnp.float64)[:, removed]).T
+            alpha = woodbury.dual_remove_rows(inv_rows, a_full, t[removed], jnp.asarray(removed),
                                              jnp.ones(len(removed), bool))
             keep = np.setdiff1d(np.arange(60), removed)
             g_r = jac[keep] @ jac[keep].T + lam * np.eye(len(keep))
@@ -101,10 +101,10 @@ def test_a_removal_buffer_wider_than_the_removed_rows_reads_only_its_valid_prefi
         buffer = np.asarray(rng.normal(size=(width, 40)))  # stale rows (e.g. of an earlier stream)
         buffer[: removed.size] = np.asarray(inv)[removed]
         valid = np.arange(width) < removed.size
-        dense = solvers.dual_remove_rows(inv[removed], a_full, t[removed], jnp.asarray(removed),
+        dense = woodbury.dual_remove_rows(inv[removed], a_full, t[removed], jnp.asarray(removed),
                                          jnp.ones(removed.size, bool))
         for chunk in (2, 3, 4, 64):
-            prefix = solvers.dual_remove_rows(jnp.asarray(buffer), a_full, t[slots], jnp.asarray(slots),
+            prefix = woodbury.dual_remove_rows(jnp.asarray(buffer), a_full, t[slots], jnp.asarray(slots),
                                               jnp.asarray(valid), jnp.int32(removed.size), chunk=chunk)
             np.testing.assert_allclose(np.asarray(prefix), np.asarray(dense), rtol=1e-12, atol=1e-12)
     keep = np.setdiff1d(np.arange(40), removed)
@@ -116,12 +116,12 @@ def test_a_sequence_of_primal_inverse_updates_equals_inverting_the_reduced_syste
     rng = np.random.default_rng(2)
     jac, targets, lam = random_problem(rng, 60, 12, lam=1e-2)
     with compat.enable_x64():
-        inv = solvers.cholesky_inverse(solvers.spd_cholesky(jnp.asarray(jac.T @ jac + lam * np.eye(12))))
+        inv = woodbury.cholesky_inverse(woodbury.spd_cholesky(jnp.asarray(jac.T @ jac + lam * np.eye(12))))
         rhs = jnp.asarray(jac.T @ targets)
         removed = np.array([], np.int64)
         for request in ([4, 5], [30], list(range(31, 50))):  # the last request has more rows than P: P×P form
             removed = np.concatenate([removed, request])
-            inv, rhs = solvers.primal_remove_rows(inv, rhs, jnp.asarray(jac[request]), jnp.asarray(targets[request]))
+            inv, rhs = woodbury.primal_remove_rows(inv, rhs, jnp.asarray(jac[request]), jnp.asarray(targets[request]))
             keep = np.setdiff1d(np.arange(60), removed)
             reduced = jac[keep].T @ jac[keep] + lam * np.eye(12)
             np.testing.assert_allclose(np.asarray(inv), np.linalg.inv(reduced), rtol=1e-8, atol=1e-12)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxforget import compat, errors, kernels, solvers
+from jaxforget import compat, errors, kernels, solvers, woodbury
 
 
 def spd_problem(seed, p=30, cond=1e4):
@@ -130,11 +130,11 @@ def test_cholesky_inverse_matches_a_dense_inverse_and_names_a_singular_factor():
     a = rng.normal(size=(7, 7))
     spd = a @ a.T + 7 * np.eye(7)
     with compat.enable_x64():
-        inv = np.asarray(solvers.cholesky_inverse(jnp.asarray(np.linalg.cholesky(spd))))
+        inv = np.asarray(woodbury.cholesky_inverse(jnp.asarray(np.linalg.cholesky(spd))))
     np.testing.assert_allclose(inv, np.linalg.inv(spd), rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(inv, inv.T)
     with pytest.raises(errors.DirectSolveError, match="potri failed"):
-        solvers.cholesky_inverse(jnp.array([[1.0, 0.0], [1.0, 0.0]]))
+        woodbury.cholesky_inverse(jnp.array([[1.0, 0.0], [1.0, 0.0]]))
 
 
 def test_the_dual_row_buffer_holds_the_rows_of_every_request_in_removal_order():
@@ -148,15 +148,15 @@ def test_the_dual_row_buffer_holds_the_rows_of_every_request_in_removal_order():
 
     kw = dict(fetch=fetch, write=lambda buf, fresh, target: buf.at[jnp.asarray(target)].set(fresh, mode="drop"),
               zeros=jnp.zeros, num_cols=12, min_bucket=2)
-    buf = solvers.extend_dual_rows(solvers.DualRowBuffer.empty(), np.array([7, 3]), 6, **kw)
-    buf = solvers.extend_dual_rows(buf, np.array([1, 3, 7]), 6, **kw)  # only row 1 is new
+    buf = woodbury.extend_dual_rows(woodbury.DualRowBuffer.empty(), np.array([7, 3]), 6, **kw)
+    buf = woodbury.extend_dual_rows(buf, np.array([1, 3, 7]), 6, **kw)  # only row 1 is new
     assert fetched == [[3, 7], [1]] and buf.slots[: buf.count].tolist() == [3, 7, 1]
     np.testing.assert_array_equal(np.asarray(buf.rows)[: buf.count], inv[[3, 7, 1]])
     assert buf.valid.tolist() == [True] * 3 + [False] * 3
     # Rows that are not a superset of the held ones, or another width: start over, reusing memory when it fits.
-    again = solvers.extend_dual_rows(buf, np.array([2]), 6, **kw)
+    again = woodbury.extend_dual_rows(buf, np.array([2]), 6, **kw)
     assert again.slots[: again.count].tolist() == [2] and again.rows.shape == (6, 12)
-    wider = solvers.extend_dual_rows(again, np.array([2, 5]), 8, **kw)
+    wider = woodbury.extend_dual_rows(again, np.array([2, 5]), 8, **kw)
     assert wider.rows.shape == (8, 12) and wider.slots[: wider.count].tolist() == [2, 5]
 
 
@@ -171,13 +171,13 @@ def test_the_running_primal_inverse_in_blocks_equals_one_update_and_the_dense_in
 
         def remove_block(inv, b, positions, valid):
             rows = jnp.asarray(jac[positions] * valid[:, None])
-            return (*solvers.primal_remove_rows(inv, b, rows, jnp.asarray(targets[positions] * valid)), rows)
+            return (*woodbury.primal_remove_rows(inv, b, rows, jnp.asarray(targets[positions] * valid)), rows)
 
-        state = solvers.PrimalRunningInverse(np.zeros(0, np.int64), a_inv, rhs)
+        state = woodbury.PrimalRunningInverse(np.zeros(0, np.int64), a_inv, rhs)
         for request in (np.array([4, 5, 6]), np.array([20])):  # blocks of 2: the first request is two blocks
-            state = solvers.extend_primal_inverse(state, request, block_size=2, remove_block=remove_block,
+            state = woodbury.extend_primal_inverse(state, request, block_size=2, remove_block=remove_block,
                                                   keep_rows=True)
-        once, b_once = solvers.primal_remove_rows(a_inv, rhs, jnp.asarray(jac[[4, 5, 6, 20]]),
+        once, b_once = woodbury.primal_remove_rows(a_inv, rhs, jnp.asarray(jac[[4, 5, 6, 20]]),
                                                   jnp.asarray(targets[[4, 5, 6, 20]]))
         keep = np.setdiff1d(np.arange(30), [4, 5, 6, 20])
     assert state.removed.tolist() == [4, 5, 6, 20] and len(state.blocks) == 3

@@ -12,7 +12,8 @@ Split by job:
 * :mod:`.cache`: the content-keyed caches, and why each is safe;
 * :mod:`.harness`: the answers to the harness hooks (baselines, warm-up, readouts, profile, studies).
 
-The shared numerics (Newton-CG, refinement, Nyström, Woodbury / Schur removal) are :mod:`jaxforget.solvers`.
+The shared numerics are :mod:`jaxforget.solvers` (Newton-CG, refinement, Nyström) and :mod:`jaxforget.woodbury`
+(Cholesky, Woodbury / Schur removal and their stream state).
 """
 
 from jaxforget.methods.mixed_linear.method import (

@@ -5,10 +5,10 @@ change of the normal equations, so the retained minimiser follows from one facto
 in the smaller of two spaces (:func:`choose_solver`):
 
 * **primal** ``A = JᵀJ + λI`` (``P × P``), held as its explicit inverse; a stream keeps a running ``A_R⁻¹``
-  updated by Woodbury with each request's own Jacobian rows (:func:`jaxforget.solvers.primal_remove_rows`);
+  updated by Woodbury with each request's own Jacobian rows (:func:`jaxforget.woodbury.primal_remove_rows`);
 * **dual** ``M = JJᵀ + λI`` (``N × N``, ``N = n·K``), held as its Cholesky factor or explicit inverse; a stream
   keeps the rows ``M⁻¹[F, :]`` of the removed rows, and a request is a Schur-complement solve
-  (:func:`jaxforget.solvers.dual_remove_rows`) and one ``Jᵀα`` pass.
+  (:func:`jaxforget.woodbury.dual_remove_rows`) and one ``Jᵀα`` pass.
 
 Each request's result is checked (the relative residual ``‖g_r(w)‖/‖g_r(w_old)‖`` of the retained problem) and
 refined with the same factor when it misses ``tol``.
@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from jaxforget import compat, errors, ledger, progress, solvers
+from jaxforget import compat, errors, ledger, progress, solvers, woodbury
 from jaxforget import mesh as mesh_lib
 from jaxforget.methods.mixed_linear.problem import LinearizedProblem, highest
 
@@ -115,8 +115,8 @@ class DirectStream:
     """
 
     served: np.ndarray
-    dual: solvers.DualRowBuffer | None = None
-    primal: solvers.PrimalRunningInverse | None = None
+    dual: woodbury.DualRowBuffer | None = None
+    primal: woodbury.PrimalRunningInverse | None = None
 
     def arrays(self) -> list:
         """Device arrays held (memory accounting)."""
@@ -165,7 +165,7 @@ class DirectKernels:
             Returns:
               ``(α_R, w, r, ‖g_r(w)‖, ‖g_r(w_old)‖)``.
             """
-            alpha = solvers.dual_remove_rows(inv_rows, solution, targets[rows], rows, valid, num_valid)
+            alpha = woodbury.dual_remove_rows(inv_rows, solution, targets[rows], rows, valid, num_valid)
             g_old, _ = pb.gradient(lin32, fix32, w_old, x32, t32, c32, count.astype(x32.dtype))
             return *dual_check(lin, fix, x, alpha, targets, retained, ridge, count, lin32, fix32, x32), \
                 optax.tree.norm(g_old)
@@ -174,14 +174,14 @@ class DirectKernels:
                         count, lin, fix, x, lin32, fix32, x32):
             """One refinement: the dual residual on the retained rows, corrected with the same factor and removal
             rows, then checked again."""
-            solved = jnp.matmul(matrix, r, precision=hi) if explicit else solvers.cholesky_solve(matrix, r)
-            alpha = alpha + solvers.dual_remove_rows(inv_rows, solved, r[rows], rows, valid, num_valid)
+            solved = jnp.matmul(matrix, r, precision=hi) if explicit else woodbury.cholesky_solve(matrix, r)
+            alpha = alpha + woodbury.dual_remove_rows(inv_rows, solved, r[rows], rows, valid, num_valid)
             return dual_check(lin, fix, x, alpha, targets, retained, ridge, count, lin32, fix32, x32)
 
         def primal_remove(lin, fix, inv, rhs, x_f, t_f, valid):
             """Removes the samples ``x_f`` (``valid`` False on padding) from ``(A⁻¹, b)``; also their rows."""
             rows, resid = pb.jacobian_rows(lin, fix, x_f, t_f, valid)
-            return (*solvers.primal_remove_rows(inv, rhs, rows, resid), rows)
+            return (*woodbury.primal_remove_rows(inv, rhs, rows, resid), rows)
 
         def gram_gradients(gram, rhs, ws, count):
             """``(A w − b_R)/n`` at the columns of ``ws`` (``[P, m]``): the retained gradient once the removed rows'
@@ -202,11 +202,11 @@ class DirectKernels:
         self.dual_check = jax.jit(highest(dual_check))
         self.dual_request = jax.jit(highest(dual_request))
         self.dual_refine = jax.jit(highest(dual_refine), static_argnums=0)
-        self.spd_cholesky = jax.jit(highest(lambda gram, ridge: solvers.spd_cholesky(solvers.add_ridge(gram, ridge))))
-        self.add_ridge = jax.jit(solvers.add_ridge)
-        self.cholesky_solve = jax.jit(highest(solvers.cholesky_solve))
+        self.spd_cholesky = jax.jit(highest(lambda gram, ridge: woodbury.spd_cholesky(woodbury.add_ridge(gram, ridge))))
+        self.add_ridge = jax.jit(woodbury.add_ridge)
+        self.cholesky_solve = jax.jit(highest(woodbury.cholesky_solve))
         # The reference solve (oracle) compiles its own copy: its reduced sizes change with every request.
-        self.ref_cholesky_solve = jax.jit(highest(solvers.cholesky_solve))
+        self.ref_cholesky_solve = jax.jit(highest(woodbury.cholesky_solve))
         self.inverse_times = jax.jit(lambda inv, rhs: jnp.matmul(inv, rhs, precision=hi))
         # The running inverse is updated in place (donated): a request costs no P×P copy.
         self.primal_remove = jax.jit(highest(primal_remove), donate_argnums=2)
@@ -303,7 +303,7 @@ def build_factor(pb: LinearizedProblem, kern: DirectKernels, core: PyTree, choic
     if space == "primal" or wants_inverse(config, chol.shape[0], planned_rows):
         start = time.perf_counter()
         with compat.enable_x64(), compat.host_blas_threads(None):
-            inverse = jax.block_until_ready(pb.replicate(solvers.cholesky_inverse(chol)))
+            inverse = jax.block_until_ready(pb.replicate(woodbury.cholesky_inverse(chol)))
         chol, inverse_seconds = None, time.perf_counter() - start
     check = "dual" if space == "dual" else primal_check(pb, kern, core, config, gram, solution, targets)
     return DirectFactor(space, chol, solution, targets, ridge, build_seconds, inverse, inverse_seconds,
@@ -414,9 +414,9 @@ def start_stream(kern: DirectKernels, factor: DirectFactor, num_train: int, spar
     """The stream before any request (``spare``: a dual buffer whose memory may be reused)."""
     served = np.zeros(num_train, np.int32)
     if factor.space == "dual":
-        return DirectStream(served, dual=solvers.DualRowBuffer.empty(spare))
+        return DirectStream(served, dual=woodbury.DualRowBuffer.empty(spare))
     with compat.enable_x64():  # a float64 copy: the stream's updates consume (donate) it
-        running = solvers.PrimalRunningInverse(np.zeros(0, np.int64), kern.copy(factor.inverse), factor.targets)
+        running = woodbury.PrimalRunningInverse(np.zeros(0, np.int64), kern.copy(factor.inverse), factor.targets)
     return DirectStream(served, primal=running)
 
 
@@ -459,7 +459,7 @@ def advance_stream(pb: LinearizedProblem, kern: DirectKernels, factor: DirectFac
     return stream
 
 
-def _extend_dual(pb, kern, factor, buffer, served, capacity) -> solvers.DualRowBuffer:
+def _extend_dual(pb, kern, factor, buffer, served, capacity) -> woodbury.DualRowBuffer:
     k = pb.num_classes
     removed = np.flatnonzero(served > 0)
     rows = (removed[:, None] * k + np.arange(k)).reshape(-1)
@@ -471,18 +471,18 @@ def _extend_dual(pb, kern, factor, buffer, served, capacity) -> solvers.DualRowB
         unit[index[:num_new], np.arange(num_new)] = 1.0
         return kern.cholesky_solve(factor.chol, pb.replicate(unit)).T
 
-    return solvers.extend_dual_rows(buffer, rows, dual_width(removed.size, capacity) * k, fetch=fetch,
+    return woodbury.extend_dual_rows(buffer, rows, dual_width(removed.size, capacity) * k, fetch=fetch,
                                     write=lambda buf, fresh, target: kern.write_rows(buf, fresh, pb.replicate(target)),
                                     zeros=kern.zeros, num_cols=factor.size, min_bucket=k)
 
 
-def _extend_primal(pb, kern, factor, running, positions, lin, fix) -> solvers.PrimalRunningInverse:
+def _extend_primal(pb, kern, factor, running, positions, lin, fix) -> woodbury.PrimalRunningInverse:
     def remove_block(inv, rhs, block, valid):
         x_f = np.asarray(pb.train_x[block], np.float64)
         x_f, t_f, valid = pb.replicate((x_f, pb.targets_of(block), valid))
         return kern.primal_remove(lin, fix, inv, rhs, x_f, t_f, valid)
 
-    return solvers.extend_primal_inverse(running, positions, block_size=PRIMAL_BLOCK, remove_block=remove_block,
+    return woodbury.extend_primal_inverse(running, positions, block_size=PRIMAL_BLOCK, remove_block=remove_block,
                                          keep_rows=factor.check == "gram")
 
 
