@@ -26,6 +26,10 @@ def tiny_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "core" in config:
         config.core.epochs = 3
         config.user.epochs = 3
+    if "backbone" in config:
+        config.backbone.epochs = 3
+        config.budget.epochs = 2
+        config.graph.shards = 4
     return config
 
 

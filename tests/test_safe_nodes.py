@@ -22,15 +22,20 @@ def _data(n=60, dim=5, seed=0):
     return jnp.asarray(feats, jnp.float32), jnp.asarray(labels, jnp.int32), np.arange(100, 100 + n)
 
 
+ROOT = jax.random.key_data(jax.random.key(7))
+
+
 def _train(node_sets, keys, *, width=4, capacity=24, budget=BUDGET, adapter=HEAD, feats=None, labels=None,
            ids=None):
+    """Trains ``node_sets`` (rows) with ``keys`` = (node, version) pairs."""
     feats_, labels_, ids_ = _data()
     feats = feats_ if feats is None else feats
     labels = labels_ if labels is None else labels
     ids = ids_ if ids is None else ids
-    chunk = nodes.pack_chunk([np.asarray(r) for r in node_sets], [ids[np.asarray(r)] for r in node_sets], keys,
-                             capacity=capacity, width=width, budget=budget)
-    return nodes.train_chunk(adapter, budget, capacity, chunk, feats, labels)
+    chunk = nodes.pack_chunk([np.asarray(r) for r in node_sets], [ids[np.asarray(r)] for r in node_sets],
+                             nodes=[k[0] for k in keys], versions=[k[1] for k in keys], capacity=capacity,
+                             width=width, budget=budget)
+    return nodes.train_chunk(adapter, budget, capacity, ROOT, chunk, feats, labels)
 
 
 def _lane(tree, lane):
@@ -50,8 +55,8 @@ def test_a_node_is_bitwise_the_same_alone_among_others_and_in_any_lane(adapter):
         feats = jnp.tile(feats[:, None, :4], (1, 3, 1))  # 3 tokens of width 4
     target = np.arange(0, 20)
     others = [np.arange(20, 30), np.arange(30, 54), np.arange(54, 57)]
-    key = nodes.node_key(7, 2, 0)
-    other_keys = [nodes.node_key(7, i, 0) for i in (0, 1, 3)]
+    key = (2, 0)
+    other_keys = [(i, 0) for i in (0, 1, 3)]
     kw = dict(adapter=adapter, feats=feats, labels=labels, ids=ids)
     alone, count_alone = _train([target], [key], **kw)
     mixed, counts = _train([others[0], others[1], target, others[2]], [other_keys[0], other_keys[1], key,
@@ -64,7 +69,7 @@ def test_a_node_is_bitwise_the_same_alone_among_others_and_in_any_lane(adapter):
 
 def test_the_order_is_keyed_by_ids_so_the_input_order_and_padding_do_not_matter():
     rows = np.arange(5, 25)
-    key = nodes.node_key(1, 0, 0)
+    key = (0, 0)
     a, _ = _train([rows], [key])
     b, _ = _train([rows[::-1]], [key])
     _assert_bitwise(a, b)
@@ -75,7 +80,7 @@ def test_the_order_is_keyed_by_ids_so_the_input_order_and_padding_do_not_matter(
 
 def test_retraining_on_the_reduced_set_is_training_from_scratch_on_it_and_differs_from_the_original():
     rows = np.arange(0, 24)
-    key_v0, key_v1 = nodes.node_key(3, 0, 0), nodes.node_key(3, 0, 1)
+    key_v0, key_v1 = (0, 0), (0, 1)
     original, _ = _train([rows], [key_v0])
     reduced = np.delete(rows, [4, 11])
     retrained, count = _train([reduced, rows], [key_v1, key_v0])
@@ -88,17 +93,17 @@ def test_retraining_on_the_reduced_set_is_training_from_scratch_on_it_and_differ
 
 def test_inert_lanes_and_the_step_floor():
     budget = nodes.Budget(epochs=1, batch_size=8, min_steps=5, learning_rate=0.05)
-    chunk = nodes.pack_chunk([np.arange(3)], [np.arange(3)], [nodes.node_key(0, 0, 0)], capacity=8, width=3,
+    chunk = nodes.pack_chunk([np.arange(3)], [np.arange(3)], nodes=[0], versions=[0], capacity=8, width=3,
                              budget=budget)
     assert chunk.steps.tolist() == [5, 0, 0] and chunk.valid[1:].sum() == 0
-    _, count = _train([np.arange(3)], [nodes.node_key(0, 0, 0)], width=3, capacity=8, budget=budget)
+    _, count = _train([np.arange(3)], [(0, 0)], width=3, capacity=8, budget=budget)
     assert count.tolist() == [15, 0, 0]  # 5 steps of a 3-sample partial batch; inert lanes do nothing
     assert budget.steps(0) == 0 and budget.steps(17) == 5 and nodes.Budget(epochs=2, batch_size=8).steps(17) == 6
 
 
 def test_nodes_learn_a_separable_problem():
     feats, labels, _ = _data(n=60, seed=1)
-    params, _ = _train([np.arange(60)], [nodes.node_key(0, 0, 0)], width=1, capacity=64,
+    params, _ = _train([np.arange(60)], [(0, 0)], width=1, capacity=64,
                        budget=nodes.Budget(epochs=20, batch_size=8, learning_rate=0.05), feats=feats, labels=labels)
     logits = HEAD.apply({"params": _lane(params, 0)}, feats)
     assert float((jnp.argmax(logits, -1) == labels).mean()) >= 0.95
@@ -106,13 +111,13 @@ def test_nodes_learn_a_separable_problem():
 
 def test_bad_chunks_are_refused():
     with pytest.raises(errors.ShapeDtypeError, match="width 1 got 2 nodes"):
-        nodes.pack_chunk([np.arange(2)] * 2, [np.arange(2)] * 2, [nodes.node_key(0, 0, 0)] * 2, capacity=8,
+        nodes.pack_chunk([np.arange(2)] * 2, [np.arange(2)] * 2, nodes=[0, 1], versions=[0, 0], capacity=8,
                          width=1, budget=BUDGET)
     with pytest.raises(errors.ShapeDtypeError, match="over the capacity"):
-        nodes.pack_chunk([np.arange(9)], [np.arange(9)], [nodes.node_key(0, 0, 0)], capacity=8, width=1,
+        nodes.pack_chunk([np.arange(9)], [np.arange(9)], nodes=[0], versions=[0], capacity=8, width=1,
                          budget=BUDGET)
     with pytest.raises(errors.ShapeDtypeError, match="multiple of the batch size"):
-        nodes.pack_chunk([np.arange(2)], [np.arange(2)], [nodes.node_key(0, 0, 0)], capacity=12, width=1,
+        nodes.pack_chunk([np.arange(2)], [np.arange(2)], nodes=[0], versions=[0], capacity=12, width=1,
                          budget=BUDGET)
 
 

@@ -5,7 +5,7 @@ Adding a method touches its own module, its config file and one line of :data:`M
 
 Examples:
   >>> sorted(METHODS)
-  ['finetune', 'mixed_linear', 'neggrad', 'random_label', 'retrain']
+  ['finetune', 'mixed_linear', 'neggrad', 'random_label', 'retrain', 'safe', 'sisa']
   >>> get_method("mixed_linear").name
   'mixed_linear'
 """
@@ -22,6 +22,7 @@ from jaxforget.methods import base
 from jaxforget.methods.base import ForgetInfo, Ledger, Method
 from jaxforget.methods.baselines import ClassifierMethod, ClassifierState, Finetune, NegGrad, RandomLabel, Retrain
 from jaxforget.methods.mixed_linear import MixedLinear, MixedLinearState
+from jaxforget.methods.safe import Safe, SafeState, Sisa
 
 #: name -> method class.
 METHODS: dict[str, type[Method]] = {
@@ -30,6 +31,8 @@ METHODS: dict[str, type[Method]] = {
     "finetune": Finetune,
     "neggrad": NegGrad,
     "random_label": RandomLabel,
+    "safe": Safe,
+    "sisa": Sisa,
 }
 
 
@@ -60,4 +63,5 @@ def build(config: ml_collections.ConfigDict, *, splits: data_lib.Splits | None =
 
 
 __all__ = ["METHODS", "ClassifierMethod", "ClassifierState", "Finetune", "ForgetInfo", "Ledger", "Method",
-           "MixedLinear", "MixedLinearState", "NegGrad", "RandomLabel", "Retrain", "base", "build", "get_method"]
+           "MixedLinear", "MixedLinearState", "NegGrad", "RandomLabel", "Retrain", "Safe", "SafeState", "Sisa", "base",
+           "build", "get_method"]

@@ -24,10 +24,11 @@ Examples:
   >>> budget = Budget(epochs=2, batch_size=4, min_steps=1, learning_rate=0.1, weight_decay=0.0)
   >>> feats = jnp.eye(6); labels = jnp.array([0, 1, 0, 1, 0, 1])
   >>> chunk = pack_chunk([np.array([0, 1, 2]), np.array([3, 4, 5])], [np.array([0, 1, 2]), np.array([3, 4, 5])],
-  ...                    [node_key(0, 0, 0), node_key(0, 1, 0)], capacity=4, width=4, budget=budget)
+  ...                    nodes=[0, 1], versions=[0, 0], capacity=4, width=4, budget=budget)
   >>> chunk.steps.tolist()                      # two epochs of one batch each; two inert lanes
   [2, 2, 0, 0]
-  >>> params, evaluations = train_chunk(adapter.LinearHead(2), budget, 4, chunk, feats, labels)
+  >>> root = jax.random.key_data(jax.random.key(0))
+  >>> params, evaluations = train_chunk(adapter.LinearHead(2), budget, 4, root, chunk, feats, labels)
   >>> evaluations.tolist(), params["head"]["kernel"].shape
   ([6, 6, 0, 0], (4, 6, 2))
 """
@@ -92,12 +93,13 @@ def capacity_for(max_size: int, batch_size: int) -> int:
     return max(1, -(-int(max_size) // batch_size)) * batch_size
 
 
-def node_key(seed: int, node: int, version: int) -> Array:
-    """``fold_in(fold_in(key(seed), node), version)``: the only source of a node's randomness (raw ``uint32[2]``).
+def node_key(root: Array, node: Array, version: Array) -> Array:
+    """``fold_in(fold_in(root, node), version)``: the only source of a node's randomness (typed key).
 
-    Never derived from data, lane, chunk or time.
+    Never derived from data, lane, chunk or time. Computed inside the trainer, from the node ids and versions a
+    :class:`Chunk` carries.
     """
-    return jax.random.key_data(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), node), version))
+    return jax.random.fold_in(jax.random.fold_in(root, node), version)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,8 @@ class Chunk:
     """``W`` lanes of node data, padded (host arrays; inert lanes have no valid samples and no steps).
 
     Attributes:
-      keys: ``[W, 2]`` uint32 node keys.
+      nodes: ``[W]`` int32 node ids (inert lanes: -1).
+      versions: ``[W]`` int32 node versions (how many times each node was retrained).
       rows: ``[W, L]`` int32 rows of the feature table, sorted by sample id (padding points at row 0).
       ids: ``[W, L]`` int32 sample ids (the order's randomness is keyed by them).
       valid: ``[W, L]`` bool.
@@ -113,7 +116,8 @@ class Chunk:
       steps: ``[W]`` int32 optimiser steps per lane.
     """
 
-    keys: np.ndarray
+    nodes: np.ndarray
+    versions: np.ndarray
     rows: np.ndarray
     ids: np.ndarray
     valid: np.ndarray
@@ -121,14 +125,16 @@ class Chunk:
     steps: np.ndarray
 
 
-def pack_chunk(rows: Sequence[np.ndarray], ids: Sequence[np.ndarray], keys: Sequence, *, capacity: int, width: int,
-               budget: Budget, own: Sequence[np.ndarray] | None = None) -> Chunk:
+def pack_chunk(rows: Sequence[np.ndarray], ids: Sequence[np.ndarray], *, nodes: Sequence[int],
+               versions: Sequence[int], capacity: int, width: int, budget: Budget,
+               own: Sequence[np.ndarray] | None = None) -> Chunk:
     """Lays out up to ``width`` nodes' training sets for :func:`train_chunk`.
 
     Args:
       rows: per node, the feature-table rows of its training samples.
       ids: per node, the sample ids of those rows (the layout sorts by id).
-      keys: per node, its key (:func:`node_key`).
+      nodes: per node, its id in the graph (its key's first fold).
+      versions: per node, its version (its key's second fold).
       capacity: ``L`` (a multiple of the batch size, ≥ every node's size).
       width: ``W`` lanes; missing lanes are inert.
       budget: the training budget (steps per node).
@@ -138,15 +144,15 @@ def pack_chunk(rows: Sequence[np.ndarray], ids: Sequence[np.ndarray], keys: Sequ
       ShapeDtypeError: more nodes than lanes, a node larger than the capacity, misaligned rows and ids, or a
         capacity that is not a whole number of batches.
     """
-    if len(rows) > width or len(ids) != len(rows) or len(keys) != len(rows):
-        raise errors.ShapeDtypeError(f"A chunk of width {width} got {len(rows)} nodes, {len(ids)} id lists and "
-                                     f"{len(keys)} keys.")
+    if len(rows) > width or len(ids) != len(rows) or len(nodes) != len(rows) or len(versions) != len(rows):
+        raise errors.ShapeDtypeError(f"A chunk of width {width} got {len(rows)} nodes, {len(ids)} id lists, "
+                                     f"{len(nodes)} node ids and {len(versions)} versions.")
     if capacity % budget.batch_size:
         raise errors.ShapeDtypeError(f"Capacity {capacity} is not a multiple of the batch size {budget.batch_size}.")
     shape = (width, capacity)
-    chunk = Chunk(keys=np.zeros((width, 2), np.uint32), rows=np.zeros(shape, np.int32),
-                  ids=np.zeros(shape, np.int32), valid=np.zeros(shape, bool), own=np.zeros(shape, bool),
-                  steps=np.zeros(width, np.int32))
+    chunk = Chunk(nodes=np.full(width, -1, np.int32), versions=np.zeros(width, np.int32),
+                  rows=np.zeros(shape, np.int32), ids=np.zeros(shape, np.int32), valid=np.zeros(shape, bool),
+                  own=np.zeros(shape, bool), steps=np.zeros(width, np.int32))
     for lane, (r, i) in enumerate(zip(rows, ids, strict=True)):
         r, i = np.asarray(r), np.asarray(i)
         if r.shape != i.shape or r.ndim != 1:
@@ -155,7 +161,7 @@ def pack_chunk(rows: Sequence[np.ndarray], ids: Sequence[np.ndarray], keys: Sequ
             raise errors.ShapeDtypeError(f"Node in lane {lane} has {len(r)} samples, over the capacity {capacity}.")
         order = np.argsort(i, kind="stable")
         n = len(r)
-        chunk.keys[lane] = np.asarray(keys[lane], np.uint32)
+        chunk.nodes[lane], chunk.versions[lane] = nodes[lane], versions[lane]
         chunk.rows[lane, :n], chunk.ids[lane, :n], chunk.valid[lane, :n] = r[order], i[order], True
         chunk.own[lane, :n] = True if own is None else np.asarray(own[lane], bool)[order]
         chunk.steps[lane] = budget.steps(n)
@@ -166,9 +172,10 @@ def _optimizer(weight_decay: float) -> optax.GradientTransformation:
     return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay))
 
 
-def _train_node(adapter: nn.Module, budget: Budget, max_steps: int, key, rows, ids, valid, own, steps, feats, labels):
+def _train_node(adapter: nn.Module, budget: Budget, max_steps: int, root, node, version, rows, ids, valid, own, steps,
+                feats, labels):
     """One node (vmapped over lanes by :func:`train_chunk`). Returns its params and its sample-gradient count."""
-    k_node = jax.random.wrap_key_data(key)
+    k_node = node_key(jax.random.wrap_key_data(root), node, version)
     size = valid.sum()
     batch = budget.batch_size
     per_epoch = jnp.maximum(1, (size + batch - 1) // batch)
@@ -209,10 +216,10 @@ def _train_node(adapter: nn.Module, budget: Budget, max_steps: int, key, rows, i
 @functools.lru_cache(maxsize=16)
 def _compiled(adapter: nn.Module, budget: Budget, capacity: int):
     body = functools.partial(_train_node, adapter, budget, budget.max_steps(capacity))
-    return jax.jit(jax.vmap(body, in_axes=(0, 0, 0, 0, 0, 0, None, None)))
+    return jax.jit(jax.vmap(body, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, None, None)))
 
 
-def train_chunk(adapter: nn.Module, budget: Budget, capacity: int, chunk: Chunk, feats: Array,
+def train_chunk(adapter: nn.Module, budget: Budget, capacity: int, root: Array, chunk: Chunk, feats: Array,
                 labels: Array) -> tuple[dict, Array]:
     """Trains the ``W`` lanes of ``chunk`` together (one compiled program per adapter, budget and capacity).
 
@@ -220,6 +227,7 @@ def train_chunk(adapter: nn.Module, budget: Budget, capacity: int, chunk: Chunk,
       adapter: the adapter module (:mod:`.adapter`).
       budget: the training budget.
       capacity: ``L``, the chunk's per-node length.
+      root: ``uint32[2]`` the method's root key data (node keys fold in node id and version).
       chunk: the lanes (:func:`pack_chunk`).
       feats: ``[N, …]`` the feature table (frozen backbone features of every trainable sample).
       labels: ``[N]`` int labels.
@@ -229,5 +237,7 @@ def train_chunk(adapter: nn.Module, budget: Budget, capacity: int, chunk: Chunk,
       sample-gradient evaluations per lane.
     """
     fn = _compiled(adapter, budget, int(capacity))
-    return fn(jnp.asarray(chunk.keys), jnp.asarray(chunk.rows), jnp.asarray(chunk.ids), jnp.asarray(chunk.valid),
-              jnp.asarray(chunk.own), jnp.asarray(chunk.steps), feats, labels)
+    # Explicit copies: requests run under a host-to-device transfer guard.
+    arrays = jax.device_put((np.asarray(root, np.uint32), chunk.nodes, chunk.versions, chunk.rows, chunk.ids,
+                             chunk.valid, chunk.own, chunk.steps))
+    return fn(*arrays, feats, labels)

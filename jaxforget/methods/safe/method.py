@@ -1,0 +1,368 @@
+r"""SAFE on the method contract: adapters of a shard graph on a frozen backbone; a deletion retrains what it touched.
+
+* ``init``: train the backbone on core data only, cache its features at ``config.layer``, deal the forgettable ids
+  into shards once (stored in the state), then train every node's adapter from scratch on ``D_i`` (vmapped in
+  chunks of ``W``; :mod:`.nodes`).
+* ``forget(state, ids)``: the affected nodes ``A = ⋃_x {shard(x)} ∪ N⁻(shard(x))`` get the next version and a fresh
+  initialisation and are retrained on their reduced ``D_i``, at the build's width and capacity; every other node is
+  untouched. The result is **bitwise** the build from scratch on the retained data with the same versions
+  (:meth:`Safe.retrain`, the gold standard), so SAFE's forgetting is exact by construction and that is tested.
+* ``predict``: one backbone pass, every active node's adapter, combined by ``config.ensemble``
+  (:mod:`.ensemble`); returned as log-probabilities (floored at the smallest normal float), valid logits.
+
+The state holds everything a later request needs: backbone, stacked adapters, versions, the shard assignment, the
+graph's adjacency, the capacity, the ledger and the root key. The only cache is the backbone's features (keyed by
+the backbone's content; :class:`.backbone.FeatureCache`).
+
+With ``graph.kind = "safe_shard"`` the safe shard (node 0) is the core data, which no request may name: every
+other node trains on its own shard plus the core. A node whose own shard a deletion empties is dropped from the
+ensemble (and trains on nothing); the build applies the same rule, so exactness holds (spec ``safe.md`` §12.5).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import struct
+
+from jaxforget import errors, models
+from jaxforget.methods import base
+from jaxforget.methods.safe import adapter as adapter_lib
+from jaxforget.methods.safe import backbone as backbone_lib
+from jaxforget.methods.safe import ensemble, graph, nodes
+
+PyTree = Any
+
+GRAPH_KINDS = ("isolated", "cliques", "safe_shard", "ring")
+
+
+@struct.dataclass
+class SafeState:
+    """Everything a SAFE system needs for its next request.
+
+    Attributes:
+      backbone: the frozen backbone's variables (trained on core data only; never changes).
+      adapters: every node's adapter parameters, stacked on a leading node axis ``[n_nodes, …]``.
+      versions: ``int32[n_nodes]`` how many times each node was retrained (its key's second fold).
+      active: ``bool[n_nodes]`` nodes whose own shard still holds data (the ensemble's members).
+      shard_of: ``int32[n_train]`` each training sample's shard (``-1``: core data no adapter trains on).
+      adjacency: ``bool[n_nodes, n_nodes]`` the shard graph, ``adjacency[i, j] = (i → j)``.
+      capacity: ``int32[]`` the per-node capacity ``L`` fixed at build.
+      ledger: the deletion ledger.
+      key: ``uint32[2]`` the root key data (node ``i`` at version ``v`` trains from ``fold_in(fold_in(root, i), v)``).
+    """
+
+    backbone: PyTree
+    adapters: PyTree
+    versions: jax.Array
+    active: jax.Array
+    shard_of: jax.Array
+    adjacency: jax.Array
+    capacity: jax.Array
+    ledger: base.Ledger
+    key: jax.Array
+
+
+def default_config(name: str = "safe", kind: str = "cliques") -> ml_collections.ConfigDict:
+    """The SAFE method config (recommended defaults, spec §9; unverified against the paper)."""
+    return ml_collections.ConfigDict(dict(
+        name=name,
+        # The backbone: cross-entropy SGD on core data only.
+        backbone=dict(epochs=30, batch_size=64, learning_rate=0.05, momentum=0.9, weight_decay=5e-4),
+        layer="head:input",  # features: the input of the backbone's head (its penultimate representation)
+        # kind: isolated | cliques (groups of `clique`) | safe_shard (node 0 = the core data) | ring (`degree`)
+        graph=dict(kind=kind, shards=8, clique=2, degree=1),
+        stratify=True,  # deal each class round-robin over the shards
+        adapter=dict(name="linear", num_heads=4, num_queries=1, positional=True),
+        budget=dict(epochs=30, batch_size=32, min_steps=0, learning_rate=1e-3, weight_decay=1e-4,
+                    own_shard_weight=1.0),
+        # Nodes trained at once (vmap width; inert lanes cost as much as real ones). 0: the largest affected set of
+        # one shard, so that a one-shard request is one chunk with no idle lane.
+        width=0,
+        ensemble="softmax_mean",
+    ))
+
+
+def build_graph(config: ml_collections.ConfigDict) -> graph.ShardGraph:
+    """The shard graph ``config.graph`` describes (``safe_shard``: ``shards`` user shards plus node 0)."""
+    g = config.graph
+    base.check_choice(g.kind, GRAPH_KINDS, "method.graph.kind")
+    if g.kind == "isolated":
+        return graph.isolated(g.shards)
+    if g.kind == "cliques":
+        return graph.disjoint_cliques(g.shards, g.clique)
+    if g.kind == "safe_shard":
+        return graph.safe_shard(g.shards)
+    return graph.ring(g.shards, g.degree)
+
+
+class Safe(base.Method):
+    """SAFE: a shard graph of adapters on a frozen backbone (see the module docstring)."""
+
+    name = "safe"
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        return default_config(cls.name)
+
+    @classmethod
+    def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+        super().validate_config(config)
+        build_graph(config)  # named errors for an impossible graph, at construction
+        for field in ("shards", "clique", "degree"):
+            base.check_range(config.graph[field], f"method.graph.{field}", low=1 if field != "degree" else 0)
+        backbone_lib.parse_layer(config.layer)
+        base.check_choice(config.adapter.name, tuple(adapter_lib.ADAPTERS), "method.adapter.name")
+        base.check_choice(config.ensemble, ensemble.RULES, "method.ensemble")
+        b = config.budget
+        base.check_range(b.epochs, "method.budget.epochs", low=1)
+        base.check_range(b.batch_size, "method.budget.batch_size", low=1)
+        base.check_range(b.min_steps, "method.budget.min_steps", low=0)
+        base.check_range(b.learning_rate, "method.budget.learning_rate", low=0, low_open=True)
+        base.check_range(b.weight_decay, "method.budget.weight_decay", low=0)
+        base.check_range(b.own_shard_weight, "method.budget.own_shard_weight", low=0, low_open=True)
+        base.check_range(config.width, "method.width", low=0)
+        t = config.backbone
+        base.check_range(t.epochs, "method.backbone.epochs", low=1)
+        base.check_range(t.batch_size, "method.backbone.batch_size", low=1)
+        base.check_range(t.learning_rate, "method.backbone.learning_rate", low=0, low_open=True)
+        base.check_range(t.momentum, "method.backbone.momentum", low=0, high=1)
+        base.check_range(t.weight_decay, "method.backbone.weight_decay", low=0)
+
+    def __init__(self, model, splits, config, *, mesh=None):
+        super().__init__(model, splits, config, mesh=mesh)
+        self.graph = build_graph(config)
+        self.core_ids = np.asarray(splits.core_ids)
+        self.is_core = np.isin(self.train_ids, self.core_ids)
+        num_user = int((~self.is_core).sum())
+        if config.graph.shards > num_user:
+            raise graph.ShardGraphError(f"More shards than samples: {config.graph.shards} shards for {num_user} "
+                                        "forgettable samples.")
+        a = config.adapter
+        fields = {"linear": ("num_classes",), "cross_attention": ("num_classes", "num_heads", "num_queries",
+                                                                  "positional")}[a.name]
+        self.adapter = adapter_lib.get_adapter({"name": a.name, "num_classes": self.num_classes,
+                                                **{k: a[k] for k in fields if k in a}})
+        b = config.budget
+        self.budget = nodes.Budget(epochs=int(b.epochs), batch_size=int(b.batch_size), min_steps=int(b.min_steps),
+                                   learning_rate=float(b.learning_rate), weight_decay=float(b.weight_decay),
+                                   own_shard_weight=float(b.own_shard_weight))
+        widest = max(len(self.graph.affected(j)) for j in range(self.graph.num_nodes))
+        self.width = min(int(config.width) or widest, self.graph.num_nodes)
+        self.labels = jax.device_put(np.asarray(splits.train.y, np.int32))
+        self._features = backbone_lib.FeatureCache(model, np.asarray(splits.train.x), config.layer)
+
+    def protected_ids(self) -> np.ndarray:
+        return self.core_ids
+
+    # ------------------------------------------------------------------ node data
+
+    def _training_rows(self, shard_of: np.ndarray, retain: np.ndarray, node: int) -> tuple[np.ndarray, np.ndarray]:
+        """Retained rows of node ``node``'s training set and whether each is in its own shard."""
+        rows = np.flatnonzero(retain & np.isin(shard_of, self.graph.training_shards(node)))
+        return rows, shard_of[rows] == node
+
+    def _active(self, shard_of: np.ndarray, retain: np.ndarray) -> np.ndarray:
+        return np.bincount(shard_of[retain & (shard_of >= 0)], minlength=self.graph.num_nodes) > 0
+
+    def _train(self, state: SafeState, adapters: PyTree, node_ids, versions: np.ndarray, retain: np.ndarray
+               ) -> tuple[PyTree, np.ndarray]:
+        """``adapters`` with the nodes ``node_ids`` trained from scratch on their retained data, in chunks of the
+        build's width (every chunk the same compiled shape); also the sample-gradient evaluations per node."""
+        shard_of = np.asarray(state.shard_of)
+        active = self._active(shard_of, retain)
+        capacity = int(state.capacity)
+        feats = self._features.get(state.backbone)
+        counts = []
+        for lo in range(0, len(node_ids), self.width):
+            chunk_nodes = [int(i) for i in node_ids[lo : lo + self.width]]
+            rows, own = [], []
+            for i in chunk_nodes:
+                r, o = self._training_rows(shard_of, retain, i) if active[i] else (np.zeros(0, np.int64),) * 2
+                rows.append(r)
+                own.append(o.astype(bool))
+            chunk = nodes.pack_chunk(rows, [self.train_ids[r] for r in rows], nodes=chunk_nodes,
+                                     versions=[int(versions[i]) for i in chunk_nodes], capacity=capacity,
+                                     width=self.width, budget=self.budget, own=own)
+            params, count = nodes.train_chunk(self.adapter, self.budget, capacity, state.key, chunk, feats,
+                                              self.labels)
+            # Inert lanes scatter to an index past the end, which the update drops.
+            index = np.full(self.width, self.graph.num_nodes, np.int32)
+            index[: len(chunk_nodes)] = chunk_nodes
+            adapters = _set_rows(adapters, jax.device_put(index), params)
+            counts.append(np.asarray(count)[: len(chunk_nodes)])
+        return adapters, np.concatenate(counts)
+
+    # ------------------------------------------------------------------ the contract
+
+    def init(self, key: jax.Array) -> SafeState:
+        backbone = backbone_lib.train_backbone(self.model, self.splits, self.config.backbone,
+                                               jax.random.fold_in(key, 0))
+        errors.check_finite(self._features.get(backbone), "backbone features")
+        shard_of = np.full(self.num_train, -1, np.int32)
+        user = np.flatnonzero(~self.is_core)
+        first = 1 if self.graph.kind == "safe_shard" else 0
+        shard_of[user] = first + graph.assign_shards(self.train_ids[user], np.asarray(self.splits.train.y)[user],
+                                                     self.config.graph.shards, seed=base.seed_of(
+                                                         jax.random.fold_in(key, 2)),
+                                                     stratify=self.config.stratify)
+        if first:
+            shard_of[self.is_core] = 0
+        retain = np.ones(self.num_train, bool)
+        sizes = [len(self._training_rows(shard_of, retain, i)[0]) for i in range(self.graph.num_nodes)]
+        capacity = nodes.capacity_for(max(sizes), self.budget.batch_size)
+        state = SafeState(backbone=backbone, adapters=None, versions=np.zeros(self.graph.num_nodes, np.int32),
+                          active=self._active(shard_of, retain), shard_of=shard_of,
+                          adjacency=self.graph.adjacency(), capacity=np.int32(capacity),
+                          ledger=base.Ledger.empty(self.num_train),
+                          key=jax.random.key_data(jax.random.fold_in(key, 1)))
+        return self._build(state)
+
+    def _build(self, state: SafeState) -> SafeState:
+        """Every node trained from scratch on the state's retained data at the state's versions."""
+        retain = state.ledger.retain_mask()
+        versions = np.asarray(state.versions, np.int32)
+        adapters, _ = self._train(state, self._zero_adapters(state.backbone), np.arange(self.graph.num_nodes),
+                                  versions, retain)
+        return jax.device_put(state.replace(adapters=adapters, versions=versions,
+                                            active=self._active(np.asarray(state.shard_of), retain)))
+
+    def retrain(self, state: SafeState, key: jax.Array | None = None) -> SafeState:
+        """The build from scratch on the retained data with the same backbone, shards, capacity and versions (and
+        the same root key unless ``key`` is given): bitwise what :meth:`forget` produces."""
+        self.check_state(state)
+        if key is not None:
+            state = state.replace(key=jax.random.key_data(jax.random.fold_in(key, 1)))
+        return self._build(state)
+
+    def forget(self, state: SafeState, ids, *, key: jax.Array | None = None) -> tuple[SafeState, base.ForgetInfo]:
+        """Retrains the affected nodes (``key`` is unused: a node's randomness is its id and version)."""
+        del key
+        positions = self.validate_request(state, ids)
+        start = time.perf_counter()
+        new_ledger = state.ledger.record(positions)
+        retain = new_ledger.retain_mask()
+        shard_of = np.asarray(state.shard_of)
+        affected = np.asarray(self.graph.affected_by(np.unique(shard_of[positions])), np.int64)
+        versions = np.asarray(state.versions, np.int32).copy()
+        versions[affected] += 1
+        adapters, counts = self._train(state, state.adapters, affected, versions, retain)
+        new_state = state.replace(adapters=adapters, versions=jax.device_put(versions),
+                                  active=jax.device_put(self._active(shard_of, retain)), ledger=new_ledger)
+        jax.block_until_ready(new_state.adapters)
+        seconds = time.perf_counter() - start
+        sizes = np.bincount(shard_of[retain & (shard_of >= 0)], minlength=self.graph.num_nodes)
+        total = max(int(sizes.sum()), 1)
+        active = np.asarray(new_state.active)
+        retrained = affected[active[affected]]  # a node whose own shard emptied is dropped, not retrained
+        return new_state, base.ForgetInfo(
+            request=int(new_ledger.num_requests), num_forgotten=len(positions), num_retained=int(retain.sum()),
+            seconds=seconds, passes=float(counts.sum()) / total, solver="safe-retrain-affected",
+            iterations=int(sum(self.budget.steps(len(self._training_rows(shard_of, retain, int(i))[0]))
+                               for i in retrained)),
+            notes={"affected_nodes": affected.tolist(), "dropped_nodes": affected[~active[affected]].tolist(),
+                   "nodes": self.graph.num_nodes, "sample_gradients": int(counts.sum()),
+                   "cost_sum": graph.deletion_cost(self.graph, sizes, retrained, convention="sum") / total,
+                   "cost_union": graph.deletion_cost(self.graph, sizes, retrained, convention="union") / total})
+
+    def predict(self, state: SafeState, x) -> jax.Array:
+        x = self.check_inputs(x)
+        feats = backbone_lib.features(self.model, state.backbone, x, self.config.layer)
+        logits = _node_logits(self.adapter)(state.adapters, feats)
+        shard_of, retain = np.asarray(state.shard_of), state.ledger.retain_mask()
+        extra = {}
+        if self.config.ensemble == "proportional":
+            extra["weights"] = jax.device_put(np.array(
+                [len(self._training_rows(shard_of, retain, i)[0]) for i in range(self.graph.num_nodes)], np.float32))
+        if self.config.ensemble == "coverage_aware":
+            labels = np.asarray(self.splits.train.y)
+            cover = np.zeros((self.graph.num_nodes, self.num_classes), bool)
+            for i in range(self.graph.num_nodes):
+                cover[i, labels[self._training_rows(shard_of, retain, i)[0]]] = True
+            extra["coverage"] = jax.device_put(cover)
+        probs = ensemble.combine(logits, self.config.ensemble, active=state.active, **extra)
+        return jnp.log(jnp.maximum(probs, jnp.finfo(probs.dtype).tiny))
+
+    def params(self, state: SafeState) -> PyTree:
+        return state.adapters
+
+    def _zero_adapters(self, backbone: PyTree) -> PyTree:
+        """Zeros shaped like every node's adapter parameters, stacked ``[n_nodes, …]``."""
+        shape = self.splits.train.x.shape[1:]
+        feat = jax.eval_shape(lambda v: backbone_lib.layer_features(self.model, v, jnp.zeros((1, *shape)),
+                                                                    self.config.layer), backbone)
+        one = jax.eval_shape(lambda: self.adapter.init(jax.random.key(0), jnp.zeros(feat.shape, feat.dtype))["params"])
+        return jax.tree.map(lambda s: jnp.zeros((self.graph.num_nodes, *s.shape), s.dtype), one)
+
+    def abstract_state(self) -> SafeState:
+        backbone = models.init_variables(self.model, jax.random.key(0), self.splits.train.x.shape[1:])
+        n = self.graph.num_nodes
+        return SafeState(backbone=backbone, adapters=self._zero_adapters(backbone), versions=jnp.zeros(n, jnp.int32),
+                         active=jnp.zeros(n, bool), shard_of=jnp.zeros(self.num_train, jnp.int32),
+                         adjacency=jnp.zeros((n, n), bool), capacity=jnp.zeros((), jnp.int32),
+                         ledger=base.Ledger.empty(self.num_train), key=jax.random.key_data(jax.random.key(0)))
+
+    # ------------------------------------------------------------------ checks and hooks
+
+    def check_state(self, state: SafeState) -> None:
+        super().check_state(state)
+        adjacency = np.asarray(state.adjacency)
+        if adjacency.shape != (self.graph.num_nodes,) * 2 or not np.array_equal(adjacency, self.graph.adjacency()):
+            raise errors.ShapeDtypeError(f"The state's shard graph ({adjacency.shape[0]} nodes) is not the "
+                                         f"configured {self.graph.kind} graph of {self.graph.num_nodes} nodes.")
+        shard_of = np.asarray(state.shard_of)
+        if shard_of.shape != (self.num_train,) or not np.array_equal(shard_of < 0, self.is_core & (
+                self.graph.kind != "safe_shard")):
+            raise errors.ShapeDtypeError("The state's shard assignment does not fit this training set's core/user "
+                                         "split: the state comes from another dataset or split.")
+
+    def retrain_inputs(self, state: SafeState) -> PyTree:
+        return (state.backbone, state.key, state.shard_of, state.versions, state.capacity)
+
+    def describe(self, state: SafeState) -> dict:
+        shard_of = np.asarray(state.shard_of)
+        sizes = np.bincount(shard_of[shard_of >= 0], minlength=self.graph.num_nodes)
+        return {"graph": self.graph.kind, "nodes": self.graph.num_nodes, "edges": self.graph.num_edges,
+                "width": self.width, "capacity": int(state.capacity),
+                "adapter_params": int(sum(np.prod(a.shape[1:]) for a in jax.tree.leaves(state.adapters))),
+                "expected_cost_sum": graph.expected_cost(self.graph, sizes, convention="sum"),
+                "expected_cost_union": graph.expected_cost(self.graph, sizes, convention="union")}
+
+
+class Sisa(Safe):
+    """SISA with adapters: SAFE on the graph with no edges (every node trains on its own shard only)."""
+
+    name = "sisa"
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        return default_config(cls.name, kind="isolated")
+
+    @classmethod
+    def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+        super().validate_config(config)
+        if config.graph.kind != "isolated":
+            raise errors.ConfigError(f"method 'sisa' is SAFE on the isolated graph; got method.graph.kind = "
+                                     f"{config.graph.kind!r} (use method 'safe' for other graphs).")
+
+
+@jax.jit
+def _set_rows(stacked: PyTree, index: jax.Array, rows: PyTree) -> PyTree:
+    """``stacked`` with its node rows ``index`` replaced by ``rows``; out-of-range indices are dropped (jitted: no
+    implicit host scalars)."""
+    return jax.tree.map(lambda a, r: a.at[index].set(r, mode="drop"), stacked, rows)
+
+
+_LOGITS: dict = {}
+
+
+def _node_logits(adapter):
+    """Jitted ``[n, batch, C]`` logits of stacked adapters on shared features (one program per adapter module)."""
+    if adapter not in _LOGITS:
+        _LOGITS[adapter] = jax.jit(jax.vmap(lambda p, z: adapter.apply({"params": p}, z), in_axes=(0, None)))
+    return _LOGITS[adapter]
