@@ -112,7 +112,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for name, study in config.studies.items():
         print(f"== study {name}", flush=True)
         out["studies"][name] = {"method": study.method, "study": study.study,
-                                **methods.get_method(study.method).study(study.study, study.config)}
+                                **methods.get_method(study.method).study(study.study, study.config,
+                                                                         workdir=os.path.join(workdir, name))}
     ev = config.evaluation
     timing_ = evaluation_timing(int(ev.n_models), int(ev.num_examples), int(ev.bruteforce_examples))
     forget = [r["forget_seconds"] for w in results.values() for r in w["per_request"]]

@@ -840,9 +840,12 @@ def main(argv: list[str] | None = None) -> str:
 
     A compare report (``"kind": "compare"``) is validated, rendered by :func:`compare_markdown` and written to the
     README block ``compare``; a benchmark (``benchmark.json``) by :func:`jaxforget.benchmark.markdown` into the block
-    ``benchmark``; a forget job's report by :func:`markdown_table` into the block ``results``.
+    ``benchmark``; a forget job's report by :func:`markdown_table` into the block ``results``. ``--block=NAME``
+    writes another block (e.g. a second benchmark's).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = [a.split("=", 1)[1] for a in argv if a.startswith("--block=")]
+    argv = [a for a in argv if not a.startswith("--block=")]
     with open(argv[0]) as f:
         rep = json.load(f)
     if rep.get("kind") == "compare":
@@ -854,10 +857,12 @@ def main(argv: list[str] | None = None) -> str:
         table, block = benchmark.markdown(rep), "benchmark"
     else:
         table, block = markdown_table(rep), "results"
+    block = chosen[-1] if chosen else block
     if "--readme" in argv[1:]:
         rest = argv[argv.index("--readme") + 1 :]
         update_readme(rest[0] if rest else "README.md", table, argv[0], block=block,
-                      command=f"python -m launch.report {argv[0]} --readme")
+                      command=f"python -m launch.report {argv[0]} --readme"
+                              + (f" --block={block}" if chosen else ""))
     else:
         print(table)
     return table

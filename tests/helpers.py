@@ -29,6 +29,7 @@ def tiny_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "backbone" in config:
         config.backbone.epochs = 3
         config.budget.epochs = 2
+        config.budget.min_steps = 0  # epochs only: counted work is then exactly epochs · C_sum
         config.graph.shards = 4
     return config
 

@@ -306,6 +306,12 @@ def test_cli_keeps_rendering_other_reports_into_the_results_block(tmp_path):
     assert "mixed_linear forget" in table and "speed-up vs cg_retrain" in table
     text = readme.read_text()
     assert table in text.split("<!-- results:end -->")[0] and "\nkeep\n" in text
+    # --block=NAME writes another block (a second benchmark's, say) and leaves the others alone.
+    readme.write_text(text + "<!-- other:start -->\n<!-- other:end -->\n")
+    report.main([str(path), "--readme", str(readme), "--block=other"])
+    after = readme.read_text()
+    assert after.split("<!-- other:start -->")[0] == text.split("<!-- other:start -->")[0]
+    assert table in after.split("<!-- other:start -->")[1] and "--block=other" in after
 
 
 def test_importing_the_library_does_not_load_matplotlib():

@@ -1,6 +1,8 @@
 """SAFE and SISA on the method contract (spec safe.md §14): deletion is bitwise the build from scratch, only the
 affected nodes move, counted work equals the cost formula, bad requests leave the state unchanged."""
 
+import os
+
 import jax
 import ml_collections
 import numpy as np
@@ -173,3 +175,24 @@ def test_the_forget_job_judges_safe_against_its_retrain(tmp_path):
         assert r["rel_weight_distance"] == 0.0  # exact: bitwise the retrain
         assert r["readouts"]["test"]["oracle_accuracy"] > 0.5
     assert rep["recompilations_between_requests"] == 0
+
+
+def test_the_shard_sweep_measures_accuracy_and_cost_for_every_graph(tmp_path):
+    from jaxforget.methods.safe import study
+
+    job = tiny_forget_job("safe")
+    out = methods.get_method("safe").study("shards", ml_collections.ConfigDict(dict(
+        job=job, graphs=("isolated", "cliques2"), shards=(2, 4), seeds=(0,), requests=1)), workdir=str(tmp_path))
+    rows = {(r["graph"], r["shards"]): r for r in out["rows"]}
+    assert set(rows) == {("no_sharding", 1), ("isolated", 2), ("isolated", 4), ("cliques2", 2), ("cliques2", 4)}
+    for (label, n), r in rows.items():
+        c = 2 if label == "cliques2" else 1
+        assert r["expected_cost_sum"]["mean"] == pytest.approx(c * c / n, abs=0.03), (label, n)
+        assert r["expected_cost_union"]["mean"] == pytest.approx(c / n, abs=0.03), (label, n)
+        assert r["affected_nodes"]["mean"] == c  # a single-sample request retrains its clique
+        assert r["counted_cost_sum"]["mean"] == pytest.approx(c * c / n, abs=0.06), (label, n)
+        assert 0 < r["accuracy"]["mean"] <= 1
+    assert rows[("no_sharding", 1)]["accuracy_gap_points"]["mean"] == 0.0
+    assert out["parallel"]["nodes"] == 4 and out["parallel"]["speedup"] > 0
+    assert all(os.path.exists(p) for p in out["plots"]) and "Shard sweep" in out["markdown"]
+    assert study.sweep_markdown(out) == out["markdown"]

@@ -300,8 +300,9 @@ class Method(abc.ABC):
         return self.train_ids[state.ledger.retain_mask()]
 
     @classmethod
-    def study(cls, name: str, config: ml_collections.ConfigDict) -> dict:
-        """A method-specific benchmark study (e.g. mixed-linear's direct-vs-CG crossover)."""
+    def study(cls, name: str, config: ml_collections.ConfigDict, *, workdir: str | None = None) -> dict:
+        """A method-specific benchmark study (e.g. mixed-linear's direct-vs-CG crossover); PNGs may go to
+        ``workdir``."""
         raise KeyError(f"method {cls.name!r} has no benchmark study {name!r}.")
 
 

@@ -418,10 +418,10 @@ class MixedLinear(base.Method):
     profile = harness.profile
 
     @classmethod
-    def study(cls, name: str, config: ml_collections.ConfigDict) -> dict:
+    def study(cls, name: str, config: ml_collections.ConfigDict, *, workdir: str | None = None) -> dict:
         if name == "crossover":
             return harness.crossover(config.job, list(config.widths), requests=int(config.requests))
-        return super().study(name, config)
+        return super().study(name, config, workdir=workdir)
 
 
 def _fresh_key(sharding: jax.sharding.Sharding) -> jax.Array:

@@ -79,10 +79,12 @@ def default_config(name: str = "safe", kind: str = "cliques") -> ml_collections.
         graph=dict(kind=kind, shards=8, clique=2, degree=1),
         stratify=True,  # deal each class round-robin over the shards
         adapter=dict(name="linear", num_heads=4, num_queries=1, positional=True),
-        budget=dict(epochs=30, batch_size=32, min_steps=0, learning_rate=1e-3, weight_decay=1e-4,
+        # min_steps: a floor on each adapter's optimiser steps, so that a small shard is not left under-trained by
+        # an epoch budget (the shard sweep in the README measures what it buys).
+        budget=dict(epochs=30, batch_size=32, min_steps=300, learning_rate=1e-3, weight_decay=1e-4,
                     own_shard_weight=1.0),
         # Nodes trained at once (vmap width; inert lanes cost as much as real ones). 0: the largest affected set of
-        # one shard, so that a one-shard request is one chunk with no idle lane.
+        # one requestable shard, so that a one-shard request is one chunk with no idle lane.
         width=0,
         ensemble="softmax_mean",
     ))
@@ -152,7 +154,8 @@ class Safe(base.Method):
         self.budget = nodes.Budget(epochs=int(b.epochs), batch_size=int(b.batch_size), min_steps=int(b.min_steps),
                                    learning_rate=float(b.learning_rate), weight_decay=float(b.weight_decay),
                                    own_shard_weight=float(b.own_shard_weight))
-        widest = max(len(self.graph.affected(j)) for j in range(self.graph.num_nodes))
+        # Protected shards (the safe shard) never receive a request: their affected sets do not size a request.
+        widest = max(len(self.graph.affected(j)) for j in range(self.graph.num_nodes) if j not in self.graph.protected)
         self.width = min(int(config.width) or widest, self.graph.num_nodes)
         self.labels = jax.device_put(np.asarray(splits.train.y, np.int32))
         self._features = backbone_lib.FeatureCache(model, np.asarray(splits.train.x), config.layer)
@@ -200,9 +203,11 @@ class Safe(base.Method):
 
     # ------------------------------------------------------------------ the contract
 
-    def init(self, key: jax.Array) -> SafeState:
-        backbone = backbone_lib.train_backbone(self.model, self.splits, self.config.backbone,
-                                               jax.random.fold_in(key, 0))
+    def init(self, key: jax.Array, backbone: PyTree | None = None) -> SafeState:
+        """Trains the backbone (unless given: e.g. one backbone shared by a sweep of graphs), deals the shards and
+        trains every node."""
+        if backbone is None:
+            backbone = self.train_backbone(key)
         errors.check_finite(self._features.get(backbone), "backbone features")
         shard_of = np.full(self.num_train, -1, np.int32)
         user = np.flatnonzero(~self.is_core)
@@ -222,6 +227,10 @@ class Safe(base.Method):
                           ledger=base.Ledger.empty(self.num_train),
                           key=jax.random.key_data(jax.random.fold_in(key, 1)))
         return self._build(state)
+
+    def train_backbone(self, key: jax.Array) -> PyTree:
+        """The backbone :meth:`init` trains from ``key`` (core data only)."""
+        return backbone_lib.train_backbone(self.model, self.splits, self.config.backbone, jax.random.fold_in(key, 0))
 
     def _build(self, state: SafeState) -> SafeState:
         """Every node trained from scratch on the state's retained data at the state's versions."""
@@ -320,6 +329,15 @@ class Safe(base.Method):
                 self.graph.kind != "safe_shard")):
             raise errors.ShapeDtypeError("The state's shard assignment does not fit this training set's core/user "
                                          "split: the state comes from another dataset or split.")
+
+    @classmethod
+    def study(cls, name: str, config: ml_collections.ConfigDict, *, workdir: str | None = None) -> dict:
+        if name == "shards":
+            from jaxforget.methods.safe import study  # pylint: disable=import-outside-toplevel
+
+            return study.shard_sweep(config.job, graphs=list(config.graphs), shards=list(config.shards),
+                                     seeds=list(config.seeds), requests=int(config.requests), plots_dir=workdir)
+        return super().study(name, config, workdir=workdir)
 
     def retrain_inputs(self, state: SafeState) -> PyTree:
         return (state.backbone, state.key, state.shard_of, state.versions, state.capacity)

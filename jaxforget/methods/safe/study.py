@@ -1,0 +1,208 @@
+"""SAFE's benchmark study: accuracy and deletion cost as the number of shards grows, for every graph kind.
+
+For each seed one backbone is trained (core data only) and shared by every configuration of that seed. For each
+graph and shard count the whole system is built, its test accuracy measured, its expected deletion cost computed
+under both conventions (:mod:`.graph`), and ``requests`` single-sample deletions timed after a warm-up request,
+next to the time of retraining every adapter (the gold standard, :meth:`Safe.retrain`) and of retraining the
+unsharded model. Also the parallel speed-up of training a graph's nodes in one ``vmap`` chunk against a Python loop
+over nodes (width 1), for the widest configuration of the sweep. Results: JSON rows, PNGs (accuracy vs shards,
+accuracy vs expected cost) and a markdown table.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxforget import data as data_lib
+from jaxforget import mesh as mesh_lib
+from jaxforget import models
+from jaxforget.methods.safe import method as method_lib
+
+
+def _graph_config(label: str, shards: int) -> dict | None:
+    """``label`` (isolated, cliques<c>, ring<d>, safe_shard) at ``shards`` shards, or None where it does not exist."""
+    if label == "isolated" or label == "safe_shard":
+        return dict(kind=label, shards=shards, clique=1, degree=0)
+    if label.startswith("cliques"):
+        c = int(label[len("cliques"):])
+        return dict(kind="cliques", shards=shards, clique=c, degree=0) if c <= shards and shards % c == 0 else None
+    if label.startswith("ring"):
+        d = int(label[len("ring"):])
+        return dict(kind="ring", shards=shards, clique=1, degree=d) if 2 * d + 1 <= shards else None
+    raise KeyError(f"Unknown graph label {label!r} (isolated, cliques<c>, ring<d>, safe_shard).")
+
+
+def _accuracy(method, state) -> float:
+    logits = np.asarray(method.predict(state, method.splits.test.x))
+    return float((logits.argmax(-1) == np.asarray(method.splits.test.y)).mean())
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(jax.tree.leaves(out))
+    return out, time.perf_counter() - start
+
+
+def _one(job, graph_cfg, seed, backbone, splits, mesh, requests) -> dict:
+    cfg = job.method.copy_and_resolve_references()
+    cfg.graph.update(graph_cfg)
+    cls = method_lib.Sisa if graph_cfg["kind"] == "isolated" else method_lib.Safe
+    cfg.name = cls.name
+    method = cls(models.get_model(job.model), splits, cfg, mesh=mesh)
+    state = method.init(jax.random.key(seed), backbone=backbone)
+    _, retrain_seconds = _timed(lambda: method.retrain(state).adapters)  # compiled by init
+    order = np.random.default_rng(seed).permutation(method.forgettable_ids())
+    state, _ = method.forget(state, order[:1])  # warm-up (the predict/forget programs)
+    seconds, cost_sum, cost_union, nodes = [], [], [], []
+    for i in range(1, requests + 1):
+        state, info = method.forget(state, order[i : i + 1])
+        seconds.append(info.seconds)
+        cost_sum.append(info.notes["cost_sum"])
+        cost_union.append(info.notes["cost_union"])
+        nodes.append(len(info.notes["affected_nodes"]))
+    d = method.describe(state)
+    return {"accuracy": _accuracy(method, state), "expected_cost_sum": d["expected_cost_sum"],
+            "expected_cost_union": d["expected_cost_union"], "nodes": d["nodes"], "width": d["width"],
+            "retrain_seconds": retrain_seconds, "forget_seconds": float(np.median(seconds)),
+            "counted_cost_sum": float(np.mean(cost_sum)), "counted_cost_union": float(np.mean(cost_union)),
+            "affected_nodes": float(np.mean(nodes))}
+
+
+def _parallel(job, graph_cfg, seed, backbone, splits, mesh) -> dict:
+    """Build time of every node at the graph's natural width (one vmap chunk) vs width 1 (a loop over nodes)."""
+    out = {}
+    for label, width in (("vmap", graph_cfg["shards"]), ("loop", 1)):
+        cfg = job.method.copy_and_resolve_references()
+        cfg.graph.update(graph_cfg)
+        cfg.name, cfg.width = "sisa", width
+        method = method_lib.Sisa(models.get_model(job.model), splits, cfg, mesh=mesh)
+        state = method.init(jax.random.key(seed), backbone=backbone)  # compiles this width
+        _, out[f"{label}_seconds"] = _timed(lambda m=method, s=state: m.retrain(s).adapters)
+    out["speedup"] = out["loop_seconds"] / out["vmap_seconds"]
+    out["nodes"] = graph_cfg["shards"]
+    return out
+
+
+def _summary(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def shard_sweep(job: ml_collections.ConfigDict, *, graphs: Sequence[str], shards: Sequence[int],
+                seeds: Sequence[int], requests: int = 3, plots_dir: str | None = None) -> dict:
+    """The sweep (see the module docstring). ``job`` is a SAFE forget-job config (data, model, method)."""
+    splits = data_lib.get_splits(job.data)
+    mesh = mesh_lib.make_mesh(job.num_devices or None)
+    model = models.get_model(job.model)
+    raw: dict[tuple[str, int], list[dict]] = {}
+    parallel = None
+    for seed in seeds:
+        base_cfg = job.method.copy_and_resolve_references()
+        base_cfg.graph.update(dict(kind="isolated", shards=1))
+        base_cfg.name = "sisa"
+        backbone = method_lib.Sisa(model, splits, base_cfg, mesh=mesh).train_backbone(jax.random.key(seed))
+        raw.setdefault(("no_sharding", 1), []).append(
+            _one(job, dict(kind="isolated", shards=1, clique=1, degree=0), seed, backbone, splits, mesh, requests))
+        for label in graphs:
+            for n in shards:
+                graph_cfg = _graph_config(label, n)
+                if graph_cfg is None or n == 1:
+                    continue
+                print(f"   {label} n={n} seed={seed}", flush=True)
+                raw.setdefault((label, n), []).append(_one(job, graph_cfg, seed, backbone, splits, mesh, requests))
+        if parallel is None:
+            parallel = _parallel(job, dict(kind="isolated", shards=max(shards), clique=1, degree=0), seed, backbone,
+                                 splits, mesh)
+    base = raw[("no_sharding", 1)]
+    rows = []
+    for (label, n), runs in raw.items():
+        row = {"graph": label, "shards": n}
+        for field in runs[0]:
+            row[field] = _summary([r[field] for r in runs])
+        row["accuracy_gap_points"] = _summary([100 * (b["accuracy"] - r["accuracy"]) for b, r in zip(base, runs,
+                                                                                                    strict=True)])
+        row["forget_over_retrain"] = _summary([r["forget_seconds"] / r["retrain_seconds"] for r in runs])
+        row["forget_over_no_sharding_retrain"] = _summary([r["forget_seconds"] / b["retrain_seconds"]
+                                                            for b, r in zip(base, runs, strict=True)])
+        rows.append(row)
+    out = {"rows": rows, "parallel": parallel, "seeds": list(seeds), "requests": requests,
+           "target": _target(rows)}
+    if plots_dir:
+        out["plots"] = plot_sweep(rows, plots_dir)
+    out["markdown"] = sweep_markdown(out)
+    return out
+
+
+def _target(rows: list[dict]) -> dict:
+    """The issue's target: expected cost (sum) ≤ 1/16 with test accuracy ≤ 2 points below no sharding."""
+    cheap = [r for r in rows if r["expected_cost_sum"]["mean"] <= 1 / 16 + 1e-12]
+    best = max(cheap, key=lambda r: r["accuracy"]["mean"], default=None)
+    if best is None:
+        return {"met": False, "best": None}
+    return {"met": bool(best["accuracy_gap_points"]["mean"] <= 2.0), "best": f"{best['graph']} n={best['shards']}",
+            "gap_points": best["accuracy_gap_points"]["mean"], "expected_cost_sum": best["expected_cost_sum"]["mean"]}
+
+
+def sweep_markdown(out: dict) -> str:
+    lines = [f"Shard sweep (mean ± std over seeds {out['seeds']}; {out['requests']} single-sample deletions per "
+             "configuration after a warm-up; costs are E[C]/N):", "",
+             "| graph | shards | test acc. | points below no sharding | E[C] sum | E[C] union | nodes retrained | "
+             "forget s | forget / retrain all | forget / retrain unsharded |", "|" + "---|" * 10]
+    for r in sorted(out["rows"], key=lambda r: (r["graph"] != "no_sharding", r["graph"], r["shards"])):
+        lines.append(
+            f"| {r['graph']} | {r['shards']} | {r['accuracy']['mean']:.4f} ± {r['accuracy']['std']:.4f} "
+            f"| {r['accuracy_gap_points']['mean']:+.1f} | {r['expected_cost_sum']['mean']:.3f} "
+            f"| {r['expected_cost_union']['mean']:.3f} | {r['affected_nodes']['mean']:.1f} "
+            f"| {r['forget_seconds']['mean']:.3f} | {r['forget_over_retrain']['mean']:.2f} "
+            f"| {r['forget_over_no_sharding_retrain']['mean']:.2f} |")
+    t = out["target"]
+    lines += ["", "Target (E[C] sum ≤ 1/16 within 2 points of no sharding): "
+              + (f"{'✓' if t['met'] else '✗'} best {t['best']}: {t['gap_points']:+.1f} points at E[C] = "
+                 f"{t['expected_cost_sum']:.3f}" if t.get("best") else "✗ no configuration reaches E[C] ≤ 1/16")]
+    p = out.get("parallel")
+    if p:
+        lines += ["", f"Parallel training of {p['nodes']} nodes: one vmap chunk {p['vmap_seconds']:.2f} s, a loop "
+                      f"over nodes {p['loop_seconds']:.2f} s ({p['speedup']:.2f}×)."]
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict], plots_dir: str) -> list[str]:
+    """Accuracy vs shards and accuracy vs expected cost (both conventions), one line per graph."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    os.makedirs(plots_dir, exist_ok=True)
+    base = next(r for r in rows if r["graph"] == "no_sharding")
+    graphs = sorted({r["graph"] for r in rows} - {"no_sharding"})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for label in graphs:
+        rs = sorted((r for r in rows if r["graph"] == label), key=lambda r: r["shards"])
+        acc = [r["accuracy"]["mean"] for r in rs]
+        err = [r["accuracy"]["std"] for r in rs]
+        axes[0].errorbar([r["shards"] for r in rs], acc, yerr=err, marker="o", label=label, capsize=2)
+        for ax, field in ((axes[1], "expected_cost_sum"), (axes[2], "expected_cost_union")):
+            ax.plot([r[field]["mean"] for r in rs], acc, marker="o", label=label)
+    for ax in axes:
+        ax.axhline(base["accuracy"]["mean"], color="k", ls="--", lw=1, label="no sharding")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("shards n")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("expected deletion cost E[C_sum]/N")
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("expected deletion cost E[C_union]/N")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(plots_dir, "safe_shard_sweep.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
