@@ -90,8 +90,11 @@ def test_ids_files_parse_or_name_the_bad_line(tmp_path):
         workflow.parse_ids(str(tmp_path / "ids.csv").replace("ids.csv", "ids.csv") if False else "#")
 
 
-def test_evaluate_judges_against_a_retrain_and_catches_a_tampered_ledger(trained, tmp_path):
-    workdir, _, _ = trained
+def test_evaluate_judges_against_a_retrain_and_catches_a_tampered_ledger(tmp_path):
+    # Its own workdir: it forges a checkpoint, and it must not depend on which tests ran before it on this worker.
+    workdir = str(tmp_path / "model")
+    model = workflow.train(tiny_forget_job("finetune"), workdir)
+    workflow.forget(workdir, model["forgettable_ids"][:5])
     out = workflow.evaluate_workdir(workdir)
     assert out["verification"]["ok"] and out["num_forgotten"] == 5
     assert 0 <= out["readouts"]["test"]["oracle_accuracy"] <= 1
