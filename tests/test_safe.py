@@ -78,7 +78,7 @@ def test_every_deletion_is_bitwise_the_build_from_scratch_and_moves_only_affecte
         assert info.notes["sample_gradients"] == method.budget.epochs * graph.deletion_cost(
             method.graph, sizes, retrained, convention="sum")
         # Negative control: the same retrain without the new versions (a "warm" reuse of the old keys) differs.
-        stale = method.retrain(new.replace(versions=state.versions))
+        stale = method.rebuild(new.replace(versions=state.versions))
         assert not all(np.array_equal(a, b) for a, b in zip(_rows(stale.adapters, affected),
                                                              _rows(new.adapters, affected), strict=True))
         state = new
@@ -95,7 +95,11 @@ def test_two_sequential_deletions_equal_the_build_on_their_union(built):
     assert np.array_equal(seq.ledger.retain_mask(), union.ledger.retain_mask())
     # Same retained data; the versions differ where a node was retrained twice, and the build with those versions is
     # bitwise the sequential result.
-    _assert_bitwise(_leaves(seq.adapters), _leaves(method.retrain(union.replace(versions=seq.versions)).adapters))
+    _assert_bitwise(_leaves(seq.adapters), _leaves(method.rebuild(union.replace(versions=seq.versions)).adapters))
+    # The versions follow the ledger: the original given the sequential ledger retrains to the sequential result.
+    _assert_bitwise(_leaves(seq.adapters), _leaves(method.retrain(method.with_ledger(state, seq.ledger)).adapters))
+    with pytest.raises(errors.ShapeDtypeError, match="versions"):
+        method.retrain(seq.replace(versions=union.versions))
 
 
 def test_bad_requests_name_the_problem_and_leave_the_state_unchanged(built):
@@ -196,3 +200,26 @@ def test_the_shard_sweep_measures_accuracy_and_cost_for_every_graph(tmp_path):
     assert out["parallel"]["nodes"] == 4 and out["parallel"]["speedup"] > 0
     assert all(os.path.exists(p) for p in out["plots"]) and "Shard sweep" in out["markdown"]
     assert study.sweep_markdown(out) == out["markdown"]
+
+
+def test_safe_runs_the_comparison_with_relearn_time(tmp_path):
+    from helpers import tiny_data, tiny_method
+
+    from jaxforget import compare, report
+    from jaxforget import config as config_lib
+
+    config = config_lib.compare_job()
+    config.data = tiny_data()
+    config.methods.safe = config_lib.method_entry("safe", dict(name="mlp", hidden=(16,), num_classes=10))
+    tiny_method(config.methods.safe.method)
+    config.methods.safe.method.budget.update(dict(epochs=20, learning_rate=0.01))
+    config.seeds, config.eval.n_models = (0, 1), 4
+    config.eval.relearn.max_epochs, config.eval.relearn.size = 2, 100
+    rep = compare.run(config, str(tmp_path))
+    report.validate_compare_report(rep)
+    rows = {(r["name"], r["split"]): r for r in rep["metrics"]}
+    assert rows[("accuracy", "test")]["retrain_mean"] > 0.5
+    # Exact: the forget is the retrain, so every distance to it is zero.
+    assert rows[("weight_distance", "params")]["mean"] == 0.0, rows[("weight_distance", "params")]
+    assert rows[("activation_distance", "test")]["mean"] == 0.0
+    assert ("relearn_epochs", "forget") in rows

@@ -170,6 +170,23 @@ class Safe(base.Method):
         rows = np.flatnonzero(retain & np.isin(shard_of, self.graph.training_shards(node)))
         return rows, shard_of[rows] == node
 
+    def versions_of(self, shard_of: np.ndarray, removed_by: np.ndarray) -> np.ndarray:
+        """Each node's version implied by a ledger: how many requests retrained it (a request retrains the nodes its
+        samples' shards affect). Versions are a function of the ledger, so a state given another ledger
+        (:meth:`with_ledger`, the harness's oracles) rebuilds exactly what that sequence of requests would give."""
+        versions = np.zeros(self.graph.num_nodes, np.int32)
+        removed_by = np.asarray(removed_by)
+        for request in np.unique(removed_by[removed_by > 0]):
+            hit = self.graph.affected_by(np.unique(shard_of[removed_by == request]))
+            versions[list(hit)] += 1
+        return versions
+
+    def with_ledger(self, state: SafeState, new_ledger: base.Ledger) -> SafeState:
+        shard_of = np.asarray(state.shard_of)
+        retain = new_ledger.retain_mask()
+        return state.replace(ledger=new_ledger, versions=self.versions_of(shard_of, np.asarray(new_ledger.removed_by)),
+                             active=self._active(shard_of, retain))
+
     def _active(self, shard_of: np.ndarray, retain: np.ndarray) -> np.ndarray:
         return np.bincount(shard_of[retain & (shard_of >= 0)], minlength=self.graph.num_nodes) > 0
 
@@ -226,14 +243,15 @@ class Safe(base.Method):
                           adjacency=self.graph.adjacency(), capacity=np.int32(capacity),
                           ledger=base.Ledger.empty(self.num_train),
                           key=jax.random.key_data(jax.random.fold_in(key, 1)))
-        return self._build(state)
+        return self.rebuild(state)
 
     def train_backbone(self, key: jax.Array) -> PyTree:
         """The backbone :meth:`init` trains from ``key`` (core data only)."""
         return backbone_lib.train_backbone(self.model, self.splits, self.config.backbone, jax.random.fold_in(key, 0))
 
-    def _build(self, state: SafeState) -> SafeState:
-        """Every node trained from scratch on the state's retained data at the state's versions."""
+    def rebuild(self, state: SafeState) -> SafeState:
+        """Every node trained from scratch on the state's retained data at the state's stored versions (what
+        :meth:`retrain` runs once the versions are checked against the ledger)."""
         retain = state.ledger.retain_mask()
         versions = np.asarray(state.versions, np.int32)
         adapters, _ = self._train(state, self._zero_adapters(state.backbone), np.arange(self.graph.num_nodes),
@@ -247,7 +265,7 @@ class Safe(base.Method):
         self.check_state(state)
         if key is not None:
             state = state.replace(key=jax.random.key_data(jax.random.fold_in(key, 1)))
-        return self._build(state)
+        return self.rebuild(state)
 
     def forget(self, state: SafeState, ids, *, key: jax.Array | None = None) -> tuple[SafeState, base.ForgetInfo]:
         """Retrains the affected nodes (``key`` is unused: a node's randomness is its id and version)."""
@@ -297,6 +315,20 @@ class Safe(base.Method):
         probs = ensemble.combine(logits, self.config.ensemble, active=state.active, **extra)
         return jnp.log(jnp.maximum(probs, jnp.finfo(probs.dtype).tiny))
 
+    def fit(self, state: SafeState, ids, *, epochs: int, learning_rate: float, batch_size: int, momentum: float,
+            seed: int) -> SafeState:
+        """Every adapter fine-tuned on the samples ``ids`` (SGD with momentum on its own cross-entropy)."""
+        rows = self.splits.train.index_of(np.asarray(ids))
+        adapters = nodes.finetune(self.adapter, state.adapters, self._features.get(state.backbone), self.labels, rows,
+                                  epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+                                  momentum=momentum, seed=seed)
+        return state.replace(adapters=adapters)
+
+    def mean_loss(self, state: SafeState, x, y) -> float:
+        """Cross-entropy of the ensemble's probabilities, ``mean −log p(y|x)``."""
+        logp = np.asarray(self.predict(state, x), np.float64)
+        return float(-np.mean(logp[np.arange(len(logp)), np.asarray(y)]))
+
     def params(self, state: SafeState) -> PyTree:
         return state.adapters
 
@@ -329,6 +361,10 @@ class Safe(base.Method):
                 self.graph.kind != "safe_shard")):
             raise errors.ShapeDtypeError("The state's shard assignment does not fit this training set's core/user "
                                          "split: the state comes from another dataset or split.")
+        implied = self.versions_of(shard_of, np.asarray(state.ledger.removed_by))
+        if not np.array_equal(np.asarray(state.versions), implied):
+            raise errors.ShapeDtypeError(f"The state's node versions {np.asarray(state.versions).tolist()} disagree "
+                                         f"with the {implied.tolist()} its ledger implies: the state was altered.")
 
     @classmethod
     def study(cls, name: str, config: ml_collections.ConfigDict, *, workdir: str | None = None) -> dict:
