@@ -14,13 +14,12 @@ Every kernel takes device arrays only (scalars through :meth:`LinearizedProblem.
 implicit host-to-device copy.
 
 Caches here only save time and are keyed by content: the split (and its float64 copy) of the last core, keyed
-by :func:`fingerprint`; the float64 copy of the training data.
+by :func:`jaxforget.fingerprint.fingerprint`; the float64 copy of the training data.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 from typing import Any
 
 import flax.linen as nn
@@ -34,6 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxforget import data as data_lib
+from jaxforget import fingerprint as fingerprint_lib
 from jaxforget import kernels, ledger, models, solvers
 from jaxforget import mesh as mesh_lib
 
@@ -49,22 +49,6 @@ def highest(fn):
             return fn(*args, **kwargs)
 
     return wrapped
-
-
-def fingerprint(tree: PyTree) -> str:
-    """A content key of a pytree: a hash of its structure and every leaf's dtype, shape and bytes (host copy).
-
-    Examples:
-      >>> a = {"w": np.ones(3, np.float32)}
-      >>> fingerprint(a) == fingerprint({"w": np.ones(3, np.float32)}), fingerprint(a) == fingerprint({"w": -a["w"]})
-      (True, False)
-    """
-    digest = hashlib.blake2b(str(jax.tree.structure(tree)).encode(), digest_size=16)
-    for leaf in jax.tree.leaves(tree):
-        arr = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{arr.dtype.str}{arr.shape}".encode())
-        digest.update(arr.view(np.uint8).reshape(-1).data)
-    return digest.hexdigest()
 
 
 class LinearizedProblem:
@@ -95,7 +79,7 @@ class LinearizedProblem:
         self.sharding = NamedSharding(mesh, P())
         self._data64 = None
         self._split_cache: dict = {}
-        self._fingerprint_memo: tuple = (None, None)
+        self._fingerprint = fingerprint_lib.Memo()
         self._build_kernels()
 
     # ------------------------------------------------------------------ placement and content keys
@@ -109,16 +93,9 @@ class LinearizedProblem:
         return jax.device_put(np.asarray(value, np.dtype(jnp.dtype(dtype))), self.sharding)
 
     def fingerprint(self, core: PyTree) -> str:
-        """:func:`fingerprint` of ``core``, remembered for the last core whose leaves are the same immutable arrays."""
-        leaves = jax.tree.leaves(core)
-        last_leaves, digest = self._fingerprint_memo
-        if (last_leaves is not None and len(last_leaves) == len(leaves)
-                and all(a is b for a, b in zip(leaves, last_leaves, strict=True))):
-            return digest
-        digest = fingerprint(core)
-        if all(isinstance(a, jax.Array) for a in leaves):  # immutable: the same objects hold the same content
-            self._fingerprint_memo = (leaves, digest)
-        return digest
+        """:func:`jaxforget.fingerprint.fingerprint` of ``core``, remembered for the last core whose leaves are the
+        same immutable arrays."""
+        return self._fingerprint(core)
 
     def split(self, core: PyTree) -> tuple[PyTree, PyTree]:
         """``(lin, fix)``: the linearized parameter subtree and everything else (incl. batch_stats), replicated.
@@ -325,4 +302,4 @@ class LinearizedProblem:
         self.add_noise = jax.jit(add_noise)
 
 
-__all__ = ["LinearizedProblem", "fingerprint", "highest"]
+__all__ = ["LinearizedProblem", "highest"]

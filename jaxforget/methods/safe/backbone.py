@@ -19,7 +19,6 @@ Examples:
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -30,6 +29,7 @@ import numpy as np
 
 from jaxforget import data as data_lib
 from jaxforget import errors, models, train
+from jaxforget import fingerprint as fingerprint_lib
 
 SIDES = ("input", "output")
 
@@ -101,17 +101,6 @@ def train_backbone(model: nn.Module, splits: data_lib.Splits, config: ml_collect
     return models.batch_stats_from_data(model, variables, core.x)
 
 
-def content_hash(*trees) -> str:
-    """sha256 over the leaves (shapes, dtypes, bytes) of ``trees``: a cache key that changes with any value."""
-    h = hashlib.sha256()
-    for tree in trees:
-        for leaf in jax.tree.leaves(tree):
-            arr = np.asarray(leaf)
-            h.update(f"{arr.shape}{arr.dtype}".encode())
-            h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
-
-
 class FeatureCache:
     """Features of the training set per backbone, keyed by the backbone's content (and the layer).
 
@@ -121,11 +110,12 @@ class FeatureCache:
 
     def __init__(self, model: nn.Module, x: np.ndarray, layer: str, *, max_entries: int = 4):
         self.model, self.x, self.layer, self.max_entries = model, x, layer, max_entries
-        self._x_hash = content_hash(x)
+        self._x_key = fingerprint_lib.fingerprint(x)
+        self._backbone_key = fingerprint_lib.Memo()  # a request passes the same backbone arrays: no re-hash
         self._entries: dict[str, jax.Array] = {}
 
     def get(self, backbone) -> jax.Array:
-        key = content_hash(backbone) + self._x_hash + self.layer
+        key = self._backbone_key(backbone) + self._x_key + self.layer
         if key not in self._entries:
             if len(self._entries) >= self.max_entries:
                 self._entries.pop(next(iter(self._entries)))
