@@ -399,10 +399,15 @@ def _jitted_apply(model: nn.Module):
 
 def batched_logits(model: nn.Module, variables: PyTree, x: np.ndarray, batch_size: int = 1024) -> jax.Array:
     """Eval-mode logits ``[n, K]`` of ``model`` in fixed-size batches (the last padded: one compilation)."""
-    apply = _jitted_apply(model)
+    return batched_apply(_jitted_apply(model), variables, x, batch_size)
+
+
+def batched_apply(apply, variables: PyTree, x: np.ndarray, batch_size: int = 1024) -> jax.Array:
+    """``apply(variables, x)`` (a jitted function of a batch) over host inputs in fixed-size batches, the last
+    padded (one compilation), concatenated as float32."""
     n = len(x)
     if n == 0:
-        return jnp.zeros((0, int(jax.eval_shape(apply, variables, x[:1]).shape[-1])), jnp.float32)
+        return jnp.zeros((0, *jax.eval_shape(apply, variables, x[:1]).shape[1:]), jnp.float32)
     size = min(batch_size, n)
     out = []
     for lo in range(0, n, size):

@@ -103,10 +103,19 @@ def get_adapter(config: Mapping[str, Any] | Any) -> nn.Module:
     name = kwargs.pop("name", None)
     if name not in ADAPTERS:
         raise KeyError(f"Unknown adapter {name!r}; valid names are {', '.join(ADAPTERS)}.")
-    cls = ADAPTERS[name]
-    valid = tuple(f for f in cls.__dataclass_fields__ if f not in ("parent", "name"))
+    valid = fields(name)
     unknown = sorted(k for k in kwargs if k not in valid)
     if unknown:
         raise errors.ConfigError(f"Adapter {name!r} takes no argument(s) {', '.join(unknown)}; valid arguments are "
                                  f"{', '.join(valid)}.")
-    return cls(**kwargs)
+    return ADAPTERS[name](**kwargs)
+
+
+def fields(name: str) -> tuple[str, ...]:
+    """The attributes adapter ``name`` takes.
+
+    Examples:
+      >>> fields("linear")
+      ('num_classes',)
+    """
+    return tuple(f for f in ADAPTERS[name].__dataclass_fields__ if f not in ("parent", "name"))

@@ -12,7 +12,7 @@ Examples:
   >>> from jaxforget import models
   >>> model = models.MLP(hidden=(6,), num_classes=3)
   >>> variables = models.init_variables(model, jax.random.key(0), (2, 2, 1))
-  >>> layer_features(model, variables, jnp.zeros((4, 2, 2, 1)), "head:input").shape
+  >>> layer_features(model, variables, np.zeros((4, 2, 2, 1), np.float32), "head:input").shape
   (4, 6)
 """
 
@@ -23,13 +23,13 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from jaxforget import data as data_lib
 from jaxforget import errors, models, train
 from jaxforget import fingerprint as fingerprint_lib
+from jaxforget.methods import base
 
 SIDES = ("input", "output")
 
@@ -73,17 +73,7 @@ def _jitted_features(model: nn.Module, layer: str) -> Callable:
 
 def features(model: nn.Module, variables, x: np.ndarray, layer: str, *, batch_size: int = 512) -> jax.Array:
     """:func:`layer_features` over a host array in fixed-size batches (the last padded: one compilation), float32."""
-    fn = _jitted_features(model, layer)
-    n = len(x)
-    size = max(1, min(batch_size, n))
-    out = []
-    for lo in range(0, max(n, 1), size):
-        part = np.asarray(x[lo : lo + size])
-        pad = size - len(part)
-        if pad:
-            part = np.concatenate([part, np.zeros((pad, *x.shape[1:]), x.dtype)])
-        out.append(fn(variables, jax.device_put(part))[: size - pad])
-    return jnp.concatenate(out).astype(jnp.float32)[:n]
+    return base.batched_apply(_jitted_features(model, layer), variables, x, batch_size)
 
 
 def train_backbone(model: nn.Module, splits: data_lib.Splits, config: ml_collections.ConfigDict,

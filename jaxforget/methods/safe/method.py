@@ -21,6 +21,7 @@ ensemble (and trains on nothing); the build applies the same rule, so exactness 
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -145,11 +146,9 @@ class Safe(base.Method):
         if config.graph.shards > num_user:
             raise graph.ShardGraphError(f"More shards than samples: {config.graph.shards} shards for {num_user} "
                                         "forgettable samples.")
-        a = config.adapter
-        fields = {"linear": ("num_classes",), "cross_attention": ("num_classes", "num_heads", "num_queries",
-                                                                  "positional")}[a.name]
+        a = config.adapter  # one section for every adapter kind: each takes the fields it has
         self.adapter = adapter_lib.get_adapter({"name": a.name, "num_classes": self.num_classes,
-                                                **{k: a[k] for k in fields if k in a}})
+                                                **{k: a[k] for k in adapter_lib.fields(a.name) if k in a}})
         b = config.budget
         self.budget = nodes.Budget(epochs=int(b.epochs), batch_size=int(b.batch_size), min_steps=int(b.min_steps),
                                    learning_rate=float(b.learning_rate), weight_decay=float(b.weight_decay),
@@ -193,12 +192,13 @@ class Safe(base.Method):
     def _train(self, state: SafeState, adapters: PyTree, node_ids, versions: np.ndarray, retain: np.ndarray
                ) -> tuple[PyTree, np.ndarray]:
         """``adapters`` with the nodes ``node_ids`` trained from scratch on their retained data, in chunks of the
-        build's width (every chunk the same compiled shape); also the sample-gradient evaluations per node."""
+        build's width (every chunk the same compiled shape); also the sample-gradient evaluations and the optimiser
+        steps per node."""
         shard_of = np.asarray(state.shard_of)
         active = self._active(shard_of, retain)
         capacity = int(state.capacity)
         feats = self._features.get(state.backbone)
-        counts = []
+        counts, steps = [], []
         for lo in range(0, len(node_ids), self.width):
             chunk_nodes = [int(i) for i in node_ids[lo : lo + self.width]]
             rows, own = [], []
@@ -216,7 +216,8 @@ class Safe(base.Method):
             index[: len(chunk_nodes)] = chunk_nodes
             adapters = _set_rows(adapters, jax.device_put(index), params)
             counts.append(np.asarray(count)[: len(chunk_nodes)])
-        return adapters, np.concatenate(counts)
+            steps.append(chunk.steps[: len(chunk_nodes)])
+        return adapters, np.concatenate(counts), np.concatenate(steps)
 
     # ------------------------------------------------------------------ the contract
 
@@ -254,7 +255,7 @@ class Safe(base.Method):
         :meth:`retrain` runs once the versions are checked against the ledger)."""
         retain = state.ledger.retain_mask()
         versions = np.asarray(state.versions, np.int32)
-        adapters, _ = self._train(state, self._zero_adapters(state.backbone), np.arange(self.graph.num_nodes),
+        adapters, _, _ = self._train(state, self._zero_adapters(state.backbone), np.arange(self.graph.num_nodes),
                                   versions, retain)
         return jax.device_put(state.replace(adapters=adapters, versions=versions,
                                             active=self._active(np.asarray(state.shard_of), retain)))
@@ -278,7 +279,7 @@ class Safe(base.Method):
         affected = np.asarray(self.graph.affected_by(np.unique(shard_of[positions])), np.int64)
         versions = np.asarray(state.versions, np.int32).copy()
         versions[affected] += 1
-        adapters, counts = self._train(state, state.adapters, affected, versions, retain)
+        adapters, counts, steps = self._train(state, state.adapters, affected, versions, retain)
         new_state = state.replace(adapters=adapters, versions=jax.device_put(versions),
                                   active=jax.device_put(self._active(shard_of, retain)), ledger=new_ledger)
         jax.block_until_ready(new_state.adapters)
@@ -290,8 +291,7 @@ class Safe(base.Method):
         return new_state, base.ForgetInfo(
             request=int(new_ledger.num_requests), num_forgotten=len(positions), num_retained=int(retain.sum()),
             seconds=seconds, passes=float(counts.sum()) / total, solver="safe-retrain-affected",
-            iterations=int(sum(self.budget.steps(len(self._training_rows(shard_of, retain, int(i))[0]))
-                               for i in retrained)),
+            iterations=int(steps.sum()),  # a dropped node trains for 0 steps
             notes={"affected_nodes": affected.tolist(), "dropped_nodes": affected[~active[affected]].tolist(),
                    "nodes": self.graph.num_nodes, "sample_gradients": int(counts.sum()),
                    "cost_sum": graph.deletion_cost(self.graph, sizes, retrained, convention="sum") / total,
@@ -412,11 +412,7 @@ def _set_rows(stacked: PyTree, index: jax.Array, rows: PyTree) -> PyTree:
     return jax.tree.map(lambda a, r: a.at[index].set(r, mode="drop"), stacked, rows)
 
 
-_LOGITS: dict = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _node_logits(adapter):
     """Jitted ``[n, batch, C]`` logits of stacked adapters on shared features (one program per adapter module)."""
-    if adapter not in _LOGITS:
-        _LOGITS[adapter] = jax.jit(jax.vmap(lambda p, z: adapter.apply({"params": p}, z), in_axes=(0, None)))
-    return _LOGITS[adapter]
+    return jax.jit(jax.vmap(lambda p, z: adapter.apply({"params": p}, z), in_axes=(0, None)))

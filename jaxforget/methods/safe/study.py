@@ -12,7 +12,6 @@ accuracy vs expected cost) and a markdown table.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 
 import jax
@@ -20,8 +19,8 @@ import ml_collections
 import numpy as np
 
 from jaxforget import data as data_lib
+from jaxforget import evaluate, models, timing
 from jaxforget import mesh as mesh_lib
-from jaxforget import models
 from jaxforget.methods.safe import method as method_lib
 
 
@@ -38,18 +37,6 @@ def _graph_config(label: str, shards: int) -> dict | None:
     raise KeyError(f"Unknown graph label {label!r} (isolated, cliques<c>, ring<d>, safe_shard).")
 
 
-def _accuracy(method, state) -> float:
-    logits = np.asarray(method.predict(state, method.splits.test.x))
-    return float((logits.argmax(-1) == np.asarray(method.splits.test.y)).mean())
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    jax.block_until_ready(jax.tree.leaves(out))
-    return out, time.perf_counter() - start
-
-
 def _one(job, graph_cfg, seed, backbone, splits, mesh, requests) -> dict:
     cfg = job.method.copy_and_resolve_references()
     cfg.graph.update(graph_cfg)
@@ -57,7 +44,7 @@ def _one(job, graph_cfg, seed, backbone, splits, mesh, requests) -> dict:
     cfg.name = cls.name
     method = cls(models.get_model(job.model), splits, cfg, mesh=mesh)
     state = method.init(jax.random.key(seed), backbone=backbone)
-    _, retrain_seconds = _timed(lambda: method.retrain(state).adapters)  # compiled by init
+    _, retrain_seconds = timing.timed(lambda: method.retrain(state).adapters)  # compiled by init
     order = np.random.default_rng(seed).permutation(method.forgettable_ids())
     state, _ = method.forget(state, order[:1])  # warm-up (the predict/forget programs)
     seconds, cost_sum, cost_union, nodes = [], [], [], []
@@ -68,7 +55,8 @@ def _one(job, graph_cfg, seed, backbone, splits, mesh, requests) -> dict:
         cost_union.append(info.notes["cost_union"])
         nodes.append(len(info.notes["affected_nodes"]))
     d = method.describe(state)
-    return {"accuracy": _accuracy(method, state), "expected_cost_sum": d["expected_cost_sum"],
+    accuracy = evaluate.accuracy(method.predict(state, splits.test.x), splits.test.y)
+    return {"accuracy": accuracy, "expected_cost_sum": d["expected_cost_sum"],
             "expected_cost_union": d["expected_cost_union"], "nodes": d["nodes"], "width": d["width"],
             "retrain_seconds": retrain_seconds, "forget_seconds": float(np.median(seconds)),
             "counted_cost_sum": float(np.mean(cost_sum)), "counted_cost_union": float(np.mean(cost_union)),
@@ -84,7 +72,7 @@ def _parallel(job, graph_cfg, seed, backbone, splits, mesh) -> dict:
         cfg.name, cfg.width = "sisa", width
         method = method_lib.Sisa(models.get_model(job.model), splits, cfg, mesh=mesh)
         state = method.init(jax.random.key(seed), backbone=backbone)  # compiles this width
-        _, out[f"{label}_seconds"] = _timed(lambda m=method, s=state: m.retrain(s).adapters)
+        _, out[f"{label}_seconds"] = timing.timed(lambda m=method, s=state: m.retrain(s).adapters)
     out["speedup"] = out["loop_seconds"] / out["vmap_seconds"]
     out["nodes"] = graph_cfg["shards"]
     return out
