@@ -9,9 +9,10 @@ Workloads (forget jobs of configs/safe_digits.py, one sample per request): SAFE 
 SISA over 8 shards, each judged against its build from scratch (which the forget equals bitwise). Study ``shards``:
 n ∈ {1, 2, 4, …, 64} shards for isolated (SISA), cliques of 2, 4 and 8, a ring of out-degree 1 and the safe-shard
 graph, over 3 seeds: test accuracy, the gap to no sharding, expected deletion cost under both conventions, time per
-deletion against retraining every adapter and against retraining the unsharded model, and vmap vs a loop over nodes.
-Runtime on 2 CPU cores: about a quarter of an hour (quick: about a minute). Results: <workdir>/benchmark.json,
-<workdir>/shards/safe_shard_sweep.png.
+deletion against retraining every adapter and against retraining the unsharded model, vmap vs a loop over nodes,
+predict latency and adapter memory vs shards, and one backbone pass (what the feature cache saves) vs training the
+unsharded adapter from cached features. Runtime on 2 CPU cores: about a quarter of an hour (quick: about a minute).
+Results: <workdir>/benchmark.json, <workdir>/shards/safe_shard_sweep.png, <workdir>/shards/inference_vs_shards.png.
 """
 
 from __future__ import annotations

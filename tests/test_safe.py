@@ -64,7 +64,7 @@ def test_every_deletion_is_bitwise_the_build_from_scratch_and_moves_only_affecte
         new, info = method.forget(state, ids)
         assert info.notes["affected_nodes"] == affected.tolist()
         np.testing.assert_array_equal(np.asarray(new.versions), np.asarray(state.versions) + np.isin(
-            np.arange(method.graph.num_nodes), affected))
+            np.arange(method.graph.num_nodes), affected)[:, None])
         _assert_bitwise(_rows(new.adapters, others), _rows(state.adapters, others))
         reference = method.retrain(new)
         _assert_bitwise(_leaves(new.adapters), _leaves(reference.adapters))
@@ -196,7 +196,15 @@ def test_the_shard_sweep_measures_accuracy_and_cost_for_every_graph(tmp_path):
         assert r["affected_nodes"]["mean"] == c  # a single-sample request retrains its clique
         assert r["counted_cost_sum"]["mean"] == pytest.approx(c * c / n, abs=0.06), (label, n)
         assert 0 < r["accuracy"]["mean"] <= 1
+        for field in ("predict_ms", "adapter_bytes", "adapter_bytes_per_node", "latency_vs_no_sharding"):
+            assert np.isfinite(r[field]["mean"]) and r[field]["mean"] > 0, (label, n, field)
+        assert r["adapter_bytes"]["mean"] == r["nodes"]["mean"] * r["adapter_bytes_per_node"]["mean"], (label, n)
     assert rows[("no_sharding", 1)]["accuracy_gap_points"]["mean"] == 0.0
+    assert rows[("no_sharding", 1)]["latency_vs_no_sharding"]["mean"] == 1.0
+    cache = out["feature_cache"]
+    for field in ("backbone_pass_seconds", "test_backbone_ms", "retrain_seconds", "backbone_pass_over_retrain"):
+        assert np.isfinite(cache[field]["mean"]) and cache[field]["mean"] > 0, field
+    assert os.path.exists(tmp_path / "inference_vs_shards.png")
     assert out["parallel"]["nodes"] == 4 and out["parallel"]["speedup"] > 0
     assert all(os.path.exists(p) for p in out["plots"]) and "Shard sweep" in out["markdown"]
     assert study.sweep_markdown(out) == out["markdown"]

@@ -35,7 +35,8 @@ def _train(node_sets, keys, *, width=4, capacity=24, budget=BUDGET, adapter=HEAD
     chunk = nodes.pack_chunk([np.asarray(r) for r in node_sets], [ids[np.asarray(r)] for r in node_sets],
                              nodes=[k[0] for k in keys], versions=[k[1] for k in keys], capacity=capacity,
                              width=width, budget=budget)
-    return nodes.train_chunk(adapter, budget, capacity, ROOT, chunk, feats, labels)
+    trained = nodes.train_chunk(adapter, budget, capacity, ROOT, chunk, feats, labels)
+    return trained.params, trained.evaluations
 
 
 def _lane(tree, lane):
@@ -95,7 +96,7 @@ def test_inert_lanes_and_the_step_floor():
     budget = nodes.Budget(epochs=1, batch_size=8, min_steps=5, learning_rate=0.05)
     chunk = nodes.pack_chunk([np.arange(3)], [np.arange(3)], nodes=[0], versions=[0], capacity=8, width=3,
                              budget=budget)
-    assert chunk.steps.tolist() == [5, 0, 0] and chunk.valid[1:].sum() == 0
+    assert chunk.steps.tolist() == [[5], [0], [0]] and chunk.valid[1:].sum() == 0
     _, count = _train([np.arange(3)], [(0, 0)], width=3, capacity=8, budget=budget)
     assert count.tolist() == [15, 0, 0]  # 5 steps of a 3-sample partial batch; inert lanes do nothing
     assert budget.steps(0) == 0 and budget.steps(17) == 5 and nodes.Budget(epochs=2, batch_size=8).steps(17) == 6

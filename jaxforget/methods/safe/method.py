@@ -10,9 +10,14 @@ r"""SAFE on the method contract: adapters of a shard graph on a frozen backbone;
 * ``predict``: one backbone pass, every active node's adapter, combined by ``config.ensemble``
   (:mod:`.ensemble`); returned as log-probabilities (floored at the smallest normal float), valid logits.
 
-The state holds everything a later request needs: backbone, stacked adapters, versions, the shard assignment, the
-graph's adjacency, the capacity, the ledger and the root key. The only cache is the backbone's features (keyed by
-the backbone's content; :class:`.backbone.FeatureCache`).
+With ``budget.slices = R > 1`` every node is trained in SISA's stages (:mod:`.nodes`, :mod:`.slices`) and keeps a
+checkpoint after each; a deletion restarts each affected node from the stage before the earliest deleted sample's
+slice in its data, and the result is still bitwise the sliced build from scratch.
+
+The state holds everything a later request needs: backbone, stacked adapters and their stage checkpoints, versions,
+the shard and slice assignments, the graph's adjacency, the capacities, the ledger and the root key. The only caches
+are the backbone's features (keyed by the backbone's content; :class:`.backbone.FeatureCache`) and the frozen
+backbone itself (a function of the config and the data).
 
 With ``graph.kind = "safe_shard"`` the safe shard (node 0) is the core data, which no request may name: every
 other node trains on its own shard plus the core. A node whose own shard a deletion empties is dropped from the
@@ -35,7 +40,7 @@ from jaxforget import errors, models
 from jaxforget.methods import base
 from jaxforget.methods.safe import adapter as adapter_lib
 from jaxforget.methods.safe import backbone as backbone_lib
-from jaxforget.methods.safe import ensemble, graph, nodes
+from jaxforget.methods.safe import ensemble, graph, nodes, slices
 
 PyTree = Any
 
@@ -49,20 +54,24 @@ class SafeState:
     Attributes:
       backbone: the frozen backbone's variables (trained on core data only; never changes).
       adapters: every node's adapter parameters, stacked on a leading node axis ``[n_nodes, …]``.
-      versions: ``int32[n_nodes]`` how many times each node was retrained (its key's second fold).
+      checkpoints: ``[n_nodes, R-1, …]`` each node's parameters after each stage but the last (``R = 1``: None).
+      versions: ``int32[n_nodes, R]`` how many times each node's stage was retrained (its key's second fold).
       active: ``bool[n_nodes]`` nodes whose own shard still holds data (the ensemble's members).
       shard_of: ``int32[n_train]`` each training sample's shard (``-1``: core data no adapter trains on).
+      slice_of: ``int32[n_train]`` each training sample's slice (stage ``s`` trains on slices ``0..s``).
       adjacency: ``bool[n_nodes, n_nodes]`` the shard graph, ``adjacency[i, j] = (i → j)``.
-      capacity: ``int32[]`` the per-node capacity ``L`` fixed at build.
+      capacity: ``int32[R]`` the per-node capacity of each stage, fixed at build.
       ledger: the deletion ledger.
       key: ``uint32[2]`` the root key data (node ``i`` at version ``v`` trains from ``fold_in(fold_in(root, i), v)``).
     """
 
     backbone: PyTree
     adapters: PyTree
+    checkpoints: PyTree
     versions: jax.Array
     active: jax.Array
     shard_of: jax.Array
+    slice_of: jax.Array
     adjacency: jax.Array
     capacity: jax.Array
     ledger: base.Ledger
@@ -73,8 +82,11 @@ def default_config(name: str = "safe", kind: str = "cliques") -> ml_collections.
     """The SAFE method config (recommended defaults, spec §9; unverified against the paper)."""
     return ml_collections.ConfigDict(dict(
         name=name,
-        # The backbone: cross-entropy SGD on core data only.
-        backbone=dict(epochs=30, batch_size=64, learning_rate=0.05, momentum=0.9, weight_decay=5e-4),
+        # The frozen backbone, an input of every build: the orbax checkpoint `checkpoint` (written by
+        # backbone.save_backbone with the ids it was trained on), or else cross-entropy SGD on core data only from
+        # `seed`.
+        backbone=dict(checkpoint="", seed=0, epochs=30, batch_size=64, learning_rate=0.05, momentum=0.9,
+                      weight_decay=5e-4),
         layer="head:input",  # features: the input of the backbone's head (its penultimate representation)
         # kind: isolated | cliques (groups of `clique`) | safe_shard (node 0 = the core data) | ring (`degree`)
         graph=dict(kind=kind, shards=8, clique=2, degree=1),
@@ -82,8 +94,9 @@ def default_config(name: str = "safe", kind: str = "cliques") -> ml_collections.
         adapter=dict(name="linear", num_heads=4, num_queries=1, positional=True),
         # min_steps: a floor on each adapter's optimiser steps, so that a small shard is not left under-trained by
         # an epoch budget (the shard sweep in the README measures what it buys).
+        # slices: SISA's slices per node (1: none); a deletion restarts from the stage before its slice.
         budget=dict(epochs=30, batch_size=32, min_steps=300, learning_rate=1e-3, weight_decay=1e-4,
-                    own_shard_weight=1.0),
+                    own_shard_weight=1.0, slices=1),
         # Nodes trained at once (vmap width; inert lanes cost as much as real ones). 0: the largest affected set of
         # one requestable shard, so that a one-shard request is one chunk with no idle lane.
         width=0,
@@ -129,8 +142,12 @@ class Safe(base.Method):
         base.check_range(b.learning_rate, "method.budget.learning_rate", low=0, low_open=True)
         base.check_range(b.weight_decay, "method.budget.weight_decay", low=0)
         base.check_range(b.own_shard_weight, "method.budget.own_shard_weight", low=0, low_open=True)
+        base.check_range(b.slices, "method.budget.slices", low=1)
         base.check_range(config.width, "method.width", low=0)
         t = config.backbone
+        if not isinstance(t.checkpoint, str):
+            raise errors.ConfigError(f"method.backbone.checkpoint is a directory path or '', got {t.checkpoint!r}.")
+        base.check_range(t.seed, "method.backbone.seed", low=0)
         base.check_range(t.epochs, "method.backbone.epochs", low=1)
         base.check_range(t.batch_size, "method.backbone.batch_size", low=1)
         base.check_range(t.learning_rate, "method.backbone.learning_rate", low=0, low_open=True)
@@ -152,12 +169,32 @@ class Safe(base.Method):
         b = config.budget
         self.budget = nodes.Budget(epochs=int(b.epochs), batch_size=int(b.batch_size), min_steps=int(b.min_steps),
                                    learning_rate=float(b.learning_rate), weight_decay=float(b.weight_decay),
-                                   own_shard_weight=float(b.own_shard_weight))
+                                   own_shard_weight=float(b.own_shard_weight), slices=int(b.slices))
         # Protected shards (the safe shard) never receive a request: their affected sets do not size a request.
         widest = max(len(self.graph.affected(j)) for j in range(self.graph.num_nodes) if j not in self.graph.protected)
         self.width = min(int(config.width) or widest, self.graph.num_nodes)
         self.labels = jax.device_put(np.asarray(splits.train.y, np.int32))
         self._features = backbone_lib.FeatureCache(model, np.asarray(splits.train.x), config.layer)
+        self._backbone = None  # the frozen backbone, a function of the config and the data: made once
+
+    def frozen_backbone(self) -> PyTree:
+        """The backbone every :meth:`init` uses: loaded from ``config.backbone.checkpoint`` (refused if it saw a
+        forgettable id), or trained on core data only from ``config.backbone.seed``.
+
+        Raises:
+          BackboneDataError: the checkpoint's training ids intersect the forgettable ids, or are undeclared.
+          CorruptBackboneError, ShapeDtypeError, ConfigError: an unreadable, altered or mismatched checkpoint.
+        """
+        if self._backbone is None:
+            path = self.config.backbone.checkpoint
+            if path:
+                like = models.init_variables(self.model, jax.random.key(0), self.splits.train.x.shape[1:])
+                backbone, seen = backbone_lib.load_backbone(path, like)
+                backbone_lib.check_disjoint(seen, self.forgettable_ids())
+            else:
+                backbone = self.train_backbone(jax.random.key(int(self.config.backbone.seed)))
+            self._backbone = backbone
+        return self._backbone
 
     def protected_ids(self) -> np.ndarray:
         return self.core_ids
@@ -169,63 +206,87 @@ class Safe(base.Method):
         rows = np.flatnonzero(retain & np.isin(shard_of, self.graph.training_shards(node)))
         return rows, shard_of[rows] == node
 
-    def versions_of(self, shard_of: np.ndarray, removed_by: np.ndarray) -> np.ndarray:
-        """Each node's version implied by a ledger: how many requests retrained it (a request retrains the nodes its
-        samples' shards affect). Versions are a function of the ledger, so a state given another ledger
-        (:meth:`with_ledger`, the harness's oracles) rebuilds exactly what that sequence of requests would give."""
-        versions = np.zeros(self.graph.num_nodes, np.int32)
+    def versions_of(self, shard_of: np.ndarray, slice_of: np.ndarray, removed_by: np.ndarray) -> np.ndarray:
+        """Each node stage's version implied by a ledger: how many requests retrained it (a request retrains, from
+        :func:`.slices.request_starts` on, the nodes its samples' shards affect). Versions are a function of the
+        ledger, so a state given another ledger (:meth:`with_ledger`, the harness's oracles) rebuilds exactly what
+        that sequence of requests would give."""
+        versions = np.zeros((self.graph.num_nodes, self.budget.slices), np.int32)
         removed_by = np.asarray(removed_by)
         for request in np.unique(removed_by[removed_by > 0]):
-            hit = self.graph.affected_by(np.unique(shard_of[removed_by == request]))
-            versions[list(hit)] += 1
+            for i, start in slices.request_starts(self.graph, shard_of, slice_of,
+                                                  np.flatnonzero(removed_by == request)).items():
+                versions[i, start:] += 1
         return versions
 
     def with_ledger(self, state: SafeState, new_ledger: base.Ledger) -> SafeState:
         shard_of = np.asarray(state.shard_of)
         retain = new_ledger.retain_mask()
-        return state.replace(ledger=new_ledger, versions=self.versions_of(shard_of, np.asarray(new_ledger.removed_by)),
-                             active=self._active(shard_of, retain))
+        versions = self.versions_of(shard_of, np.asarray(state.slice_of), np.asarray(new_ledger.removed_by))
+        return state.replace(ledger=new_ledger, versions=versions, active=self._active(shard_of, retain))
 
     def _active(self, shard_of: np.ndarray, retain: np.ndarray) -> np.ndarray:
         return np.bincount(shard_of[retain & (shard_of >= 0)], minlength=self.graph.num_nodes) > 0
 
-    def _train(self, state: SafeState, adapters: PyTree, node_ids, versions: np.ndarray, retain: np.ndarray
-               ) -> tuple[PyTree, np.ndarray]:
-        """``adapters`` with the nodes ``node_ids`` trained from scratch on their retained data, in chunks of the
-        build's width (every chunk the same compiled shape); also the sample-gradient evaluations and the optimiser
-        steps per node."""
-        shard_of = np.asarray(state.shard_of)
+    def _train(self, state: SafeState, adapters: PyTree, checkpoints: PyTree, starts: dict[int, int],
+               versions: np.ndarray, retain: np.ndarray) -> tuple[PyTree, PyTree, np.ndarray, np.ndarray]:
+        """``adapters`` and ``checkpoints`` with each node of ``starts`` retrained from its stage on its retained
+        data (from scratch at stage 0), in chunks of the build's width (every chunk the same compiled shape); also
+        the sample-gradient evaluations and the optimiser steps per node.
+
+        Nodes are grouped by start stage, so a chunk compiles only the stages its nodes run.
+        """
+        shard_of, slice_of = np.asarray(state.shard_of), np.asarray(state.slice_of)
         active = self._active(shard_of, retain)
-        capacity = int(state.capacity)
+        capacity = tuple(int(c) for c in np.asarray(state.capacity))
         feats = self._features.get(state.backbone)
+        order = sorted(starts, key=lambda i: (-starts[i], i))
         counts, steps = [], []
-        for lo in range(0, len(node_ids), self.width):
-            chunk_nodes = [int(i) for i in node_ids[lo : lo + self.width]]
+        for lo in range(0, len(order), self.width):
+            chunk_nodes = order[lo : lo + self.width]
             rows, own = [], []
             for i in chunk_nodes:
                 r, o = self._training_rows(shard_of, retain, i) if active[i] else (np.zeros(0, np.int64),) * 2
                 rows.append(r)
                 own.append(o.astype(bool))
             chunk = nodes.pack_chunk(rows, [self.train_ids[r] for r in rows], nodes=chunk_nodes,
-                                     versions=[int(versions[i]) for i in chunk_nodes], capacity=capacity,
-                                     width=self.width, budget=self.budget, own=own)
-            params, count = nodes.train_chunk(self.adapter, self.budget, capacity, state.key, chunk, feats,
-                                              self.labels)
-            # Inert lanes scatter to an index past the end, which the update drops.
+                                     versions=[versions[i] for i in chunk_nodes], capacity=capacity,
+                                     width=self.width, budget=self.budget, own=own,
+                                     slices=[slice_of[r] for r in rows], start=[starts[i] for i in chunk_nodes])
+            # Inert lanes gather node 0's checkpoints (unused) and scatter past the end, which the update drops.
             index = np.full(self.width, self.graph.num_nodes, np.int32)
             index[: len(chunk_nodes)] = chunk_nodes
-            adapters = _set_rows(adapters, jax.device_put(index), params)
-            counts.append(np.asarray(count)[: len(chunk_nodes)])
-            steps.append(chunk.steps[: len(chunk_nodes)])
-        return adapters, np.concatenate(counts), np.concatenate(steps)
+            index = jax.device_put(index)
+            trained = nodes.train_chunk(self.adapter, self.budget, capacity, state.key, chunk, feats, self.labels,
+                                        None if checkpoints is None else _get_rows(checkpoints, index))
+            adapters = _set_rows(adapters, index, trained.params)
+            if checkpoints is not None:
+                checkpoints = _set_rows(checkpoints, index, trained.checkpoints)
+            counts.append(np.asarray(trained.evaluations)[: len(chunk_nodes)])
+            run = np.arange(self.budget.slices) >= chunk.start[:, None]
+            steps.append(np.where(run, chunk.steps, 0)[: len(chunk_nodes)].sum(axis=1))
+        return adapters, checkpoints, np.concatenate(counts), np.concatenate(steps)
 
     # ------------------------------------------------------------------ the contract
 
-    def init(self, key: jax.Array, backbone: PyTree | None = None) -> SafeState:
-        """Trains the backbone (unless given: e.g. one backbone shared by a sweep of graphs), deals the shards and
-        trains every node."""
+    def init(self, key: jax.Array, backbone: PyTree | None = None, *, backbone_ids=None) -> SafeState:
+        """Deals the shards and slices and trains every node on the frozen backbone.
+
+        Args:
+          key: the build's randomness (shards, slices, every node's key).
+          backbone: variables of the model to use instead of :meth:`frozen_backbone` (e.g. one per seed in a sweep).
+          backbone_ids: the training ids ``backbone`` saw (required with it; refused if any is forgettable).
+        """
+        return self.rebuild(self._blank(key, self._given_backbone(backbone, backbone_ids)))
+
+    def _given_backbone(self, backbone: PyTree | None, backbone_ids) -> PyTree:
         if backbone is None:
-            backbone = self.train_backbone(key)
+            return self.frozen_backbone()
+        backbone_lib.check_disjoint(backbone_ids, self.forgettable_ids())
+        return backbone
+
+    def _blank(self, key: jax.Array, backbone: PyTree) -> SafeState:
+        """The state ``key`` deals on ``backbone``, with no adapter trained yet (:meth:`rebuild` trains them)."""
         errors.check_finite(self._features.get(backbone), "backbone features")
         shard_of = np.full(self.num_train, -1, np.int32)
         user = np.flatnonzero(~self.is_core)
@@ -236,18 +297,32 @@ class Safe(base.Method):
                                                      stratify=self.config.stratify)
         if first:
             shard_of[self.is_core] = 0
+        slice_of = slices.assign_slices(shard_of, self.budget.slices, seed=base.seed_of(jax.random.fold_in(key, 3)),
+                                        fixed=self.is_core)
         retain = np.ones(self.num_train, bool)
-        sizes = [len(self._training_rows(shard_of, retain, i)[0]) for i in range(self.graph.num_nodes)]
-        capacity = nodes.capacity_for(max(sizes), self.budget.batch_size)
-        state = SafeState(backbone=backbone, adapters=None, versions=np.zeros(self.graph.num_nodes, np.int32),
-                          active=self._active(shard_of, retain), shard_of=shard_of,
-                          adjacency=self.graph.adjacency(), capacity=np.int32(capacity),
+        capacity = [nodes.capacity_for(max(int(slices.stage_members(self.graph, shard_of, slice_of, retain, i, s).sum())
+                                           for i in range(self.graph.num_nodes)), self.budget.batch_size)
+                    for s in range(self.budget.slices)]
+        state = SafeState(backbone=backbone, adapters=None, checkpoints=None,
+                          versions=np.zeros((self.graph.num_nodes, self.budget.slices), np.int32),
+                          active=self._active(shard_of, retain), shard_of=shard_of, slice_of=slice_of,
+                          adjacency=self.graph.adjacency(), capacity=np.asarray(capacity, np.int32),
                           ledger=base.Ledger.empty(self.num_train),
                           key=jax.random.key_data(jax.random.fold_in(key, 1)))
-        return self.rebuild(state)
+        return state
+
+    def retrain_population(self, state: SafeState, keys) -> list[SafeState]:
+        """One independent build per key on ``state``'s backbone and retained data (each key deals its own shards,
+        and its versions follow the ledger); trained once each, not built and then retrained.
+
+        The backbone is SAFE's fixed input (never trained on forgettable data; :meth:`frozen_backbone`), so every
+        population varies what SAFE itself draws: shards, slices and node keys.
+        """
+        return [self.rebuild(self.with_ledger(self._blank(k, state.backbone), state.ledger)) for k in keys]
 
     def train_backbone(self, key: jax.Array) -> PyTree:
-        """The backbone :meth:`init` trains from ``key`` (core data only)."""
+        """A backbone trained from ``key`` on core data only (the default :meth:`frozen_backbone` uses
+        ``config.backbone.seed``)."""
         return backbone_lib.train_backbone(self.model, self.splits, self.config.backbone, jax.random.fold_in(key, 0))
 
     def rebuild(self, state: SafeState) -> SafeState:
@@ -255,9 +330,10 @@ class Safe(base.Method):
         :meth:`retrain` runs once the versions are checked against the ledger)."""
         retain = state.ledger.retain_mask()
         versions = np.asarray(state.versions, np.int32)
-        adapters, _, _ = self._train(state, self._zero_adapters(state.backbone), np.arange(self.graph.num_nodes),
-                                  versions, retain)
-        return jax.device_put(state.replace(adapters=adapters, versions=versions,
+        adapters, checkpoints = self._zero_adapters(state.backbone)
+        adapters, checkpoints, _, _ = self._train(state, adapters, checkpoints, dict.fromkeys(
+            range(self.graph.num_nodes), 0), versions, retain)
+        return jax.device_put(state.replace(adapters=adapters, checkpoints=checkpoints, versions=versions,
                                             active=self._active(np.asarray(state.shard_of), retain)))
 
     def retrain(self, state: SafeState, key: jax.Array | None = None) -> SafeState:
@@ -276,26 +352,32 @@ class Safe(base.Method):
         new_ledger = state.ledger.record(positions)
         retain = new_ledger.retain_mask()
         shard_of = np.asarray(state.shard_of)
-        affected = np.asarray(self.graph.affected_by(np.unique(shard_of[positions])), np.int64)
+        starts = slices.request_starts(self.graph, shard_of, np.asarray(state.slice_of), positions)
+        affected = np.asarray(sorted(starts), np.int64)
         versions = np.asarray(state.versions, np.int32).copy()
-        versions[affected] += 1
-        adapters, counts, steps = self._train(state, state.adapters, affected, versions, retain)
-        new_state = state.replace(adapters=adapters, versions=jax.device_put(versions),
-                                  active=jax.device_put(self._active(shard_of, retain)), ledger=new_ledger)
+        for i, start in starts.items():
+            versions[i, start:] += 1
+        active = self._active(shard_of, retain)
+        # A node whose own shard emptied trains on nothing, from scratch, as the build would.
+        runs = {i: (start if active[i] else 0) for i, start in starts.items()}
+        adapters, checkpoints, counts, steps = self._train(state, state.adapters, state.checkpoints, runs, versions,
+                                                           retain)
+        new_state = state.replace(adapters=adapters, checkpoints=checkpoints, versions=jax.device_put(versions),
+                                  active=jax.device_put(active), ledger=new_ledger)
         jax.block_until_ready(new_state.adapters)
         seconds = time.perf_counter() - start
-        sizes = np.bincount(shard_of[retain & (shard_of >= 0)], minlength=self.graph.num_nodes)
-        total = max(int(sizes.sum()), 1)
-        active = np.asarray(new_state.active)
-        retrained = affected[active[affected]]  # a node whose own shard emptied is dropped, not retrained
+        total = max(int((retain & (shard_of >= 0)).sum()), 1)
+        retrained = {i: start for i, start in starts.items() if active[i]}  # an emptied node is dropped, not retrained
+        cost = functools.partial(slices.deletion_cost, self.graph, shard_of, np.asarray(state.slice_of), retain,
+                                 retrained, self.budget)
         return new_state, base.ForgetInfo(
             request=int(new_ledger.num_requests), num_forgotten=len(positions), num_retained=int(retain.sum()),
             seconds=seconds, passes=float(counts.sum()) / total, solver="safe-retrain-affected",
             iterations=int(steps.sum()),  # a dropped node trains for 0 steps
             notes={"affected_nodes": affected.tolist(), "dropped_nodes": affected[~active[affected]].tolist(),
                    "nodes": self.graph.num_nodes, "sample_gradients": int(counts.sum()),
-                   "cost_sum": graph.deletion_cost(self.graph, sizes, retrained, convention="sum") / total,
-                   "cost_union": graph.deletion_cost(self.graph, sizes, retrained, convention="union") / total})
+                   "start_stages": [starts[i] for i in affected.tolist()],
+                   "cost_sum": cost(convention="sum") / total, "cost_union": cost(convention="union") / total})
 
     def predict(self, state: SafeState, x) -> jax.Array:
         x = self.check_inputs(x)
@@ -332,20 +414,25 @@ class Safe(base.Method):
     def params(self, state: SafeState) -> PyTree:
         return state.adapters
 
-    def _zero_adapters(self, backbone: PyTree) -> PyTree:
-        """Zeros shaped like every node's adapter parameters, stacked ``[n_nodes, …]``."""
+    def _zero_adapters(self, backbone: PyTree) -> tuple[PyTree, PyTree]:
+        """Zeros shaped like every node's adapter parameters, stacked ``[n_nodes, …]``, and like their stage
+        checkpoints ``[n_nodes, R-1, …]`` (None unsliced: orbax stores no empty arrays)."""
         shape = self.splits.train.x.shape[1:]
         feat = jax.eval_shape(lambda v: backbone_lib.layer_features(self.model, v, jnp.zeros((1, *shape)),
                                                                     self.config.layer), backbone)
         one = jax.eval_shape(lambda: self.adapter.init(jax.random.key(0), jnp.zeros(feat.shape, feat.dtype))["params"])
-        return jax.tree.map(lambda s: jnp.zeros((self.graph.num_nodes, *s.shape), s.dtype), one)
+        n, r = self.graph.num_nodes, self.budget.slices
+        return (jax.tree.map(lambda s: jnp.zeros((n, *s.shape), s.dtype), one),
+                jax.tree.map(lambda s: jnp.zeros((n, r - 1, *s.shape), s.dtype), one) if r > 1 else None)
 
     def abstract_state(self) -> SafeState:
         backbone = models.init_variables(self.model, jax.random.key(0), self.splits.train.x.shape[1:])
-        n = self.graph.num_nodes
-        return SafeState(backbone=backbone, adapters=self._zero_adapters(backbone), versions=jnp.zeros(n, jnp.int32),
-                         active=jnp.zeros(n, bool), shard_of=jnp.zeros(self.num_train, jnp.int32),
-                         adjacency=jnp.zeros((n, n), bool), capacity=jnp.zeros((), jnp.int32),
+        n, r = self.graph.num_nodes, self.budget.slices
+        adapters, checkpoints = self._zero_adapters(backbone)
+        return SafeState(backbone=backbone, adapters=adapters, checkpoints=checkpoints,
+                         versions=jnp.zeros((n, r), jnp.int32), active=jnp.zeros(n, bool),
+                         shard_of=jnp.zeros(self.num_train, jnp.int32), slice_of=jnp.zeros(self.num_train, jnp.int32),
+                         adjacency=jnp.zeros((n, n), bool), capacity=jnp.zeros(r, jnp.int32),
                          ledger=base.Ledger.empty(self.num_train), key=jax.random.key_data(jax.random.key(0)))
 
     # ------------------------------------------------------------------ checks and hooks
@@ -361,7 +448,13 @@ class Safe(base.Method):
                 self.graph.kind != "safe_shard")):
             raise errors.ShapeDtypeError("The state's shard assignment does not fit this training set's core/user "
                                          "split: the state comes from another dataset or split.")
-        implied = self.versions_of(shard_of, np.asarray(state.ledger.removed_by))
+        slice_of = np.asarray(state.slice_of)
+        if slice_of.shape != (self.num_train,) or slice_of.min(initial=0) < 0 or slice_of.max(
+                initial=0) >= self.budget.slices or np.asarray(state.capacity).shape != (self.budget.slices,):
+            capacities = np.asarray(state.capacity).tolist()
+            raise errors.ShapeDtypeError(f"The state's slices (capacities {capacities}) do not "
+                                         f"fit method.budget.slices = {self.budget.slices} on this training set.")
+        implied = self.versions_of(shard_of, slice_of, np.asarray(state.ledger.removed_by))
         if not np.array_equal(np.asarray(state.versions), implied):
             raise errors.ShapeDtypeError(f"The state's node versions {np.asarray(state.versions).tolist()} disagree "
                                          f"with the {implied.tolist()} its ledger implies: the state was altered.")
@@ -376,16 +469,21 @@ class Safe(base.Method):
         return super().study(name, config, workdir=workdir)
 
     def retrain_inputs(self, state: SafeState) -> PyTree:
-        return (state.backbone, state.key, state.shard_of, state.versions, state.capacity)
+        return (state.backbone, state.key, state.shard_of, state.slice_of, state.versions, state.capacity)
 
     def describe(self, state: SafeState) -> dict:
         shard_of = np.asarray(state.shard_of)
         sizes = np.bincount(shard_of[shard_of >= 0], minlength=self.graph.num_nodes)
+        if self.budget.slices == 1:
+            cost = functools.partial(graph.expected_cost, self.graph, sizes)
+        else:  # by enumeration over (shard, slice) classes of the build's data
+            cost = functools.partial(slices.expected_cost, self.graph, shard_of, np.asarray(state.slice_of),
+                                     np.ones(self.num_train, bool), self.budget, requestable=~self.is_core)
         return {"graph": self.graph.kind, "nodes": self.graph.num_nodes, "edges": self.graph.num_edges,
-                "width": self.width, "capacity": int(state.capacity),
+                "slices": self.budget.slices, "width": self.width,
+                "capacity": np.asarray(state.capacity).tolist(),
                 "adapter_params": int(sum(np.prod(a.shape[1:]) for a in jax.tree.leaves(state.adapters))),
-                "expected_cost_sum": graph.expected_cost(self.graph, sizes, convention="sum"),
-                "expected_cost_union": graph.expected_cost(self.graph, sizes, convention="union")}
+                "expected_cost_sum": cost(convention="sum"), "expected_cost_union": cost(convention="union")}
 
 
 class Sisa(Safe):
@@ -410,6 +508,12 @@ def _set_rows(stacked: PyTree, index: jax.Array, rows: PyTree) -> PyTree:
     """``stacked`` with its node rows ``index`` replaced by ``rows``; out-of-range indices are dropped (jitted: no
     implicit host scalars)."""
     return jax.tree.map(lambda a, r: a.at[index].set(r, mode="drop"), stacked, rows)
+
+
+@jax.jit
+def _get_rows(stacked: PyTree, index: jax.Array) -> PyTree:
+    """The node rows ``index`` of ``stacked`` (out-of-range indices clamp: their lanes are inert)."""
+    return jax.tree.map(lambda a: a[index], stacked)
 
 
 @functools.lru_cache(maxsize=16)

@@ -5,8 +5,11 @@ graph and shard count the whole system is built, its test accuracy measured, its
 under both conventions (:mod:`.graph`), and ``requests`` single-sample deletions timed after a warm-up request,
 next to the time of retraining every adapter (the gold standard, :meth:`Safe.retrain`) and of retraining the
 unsharded model. Also the parallel speed-up of training a graph's nodes in one ``vmap`` chunk against a Python loop
-over nodes (width 1), for the widest configuration of the sweep. Results: JSON rows, PNGs (accuracy vs shards,
-accuracy vs expected cost) and a markdown table.
+over nodes (width 1), for the widest configuration of the sweep. Inference: the median latency of ``predict`` on the
+test set (one backbone pass plus every adapter) and the adapters' bytes, per configuration; and, once per seed, the
+feature cache against on-the-fly features: one backbone pass over the training set next to training every adapter
+from the cached features (the unsharded retrain). Results: JSON rows, PNGs (accuracy vs shards, accuracy vs expected
+cost, inference latency and memory vs shards) and a markdown table.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ import numpy as np
 from jaxforget import data as data_lib
 from jaxforget import evaluate, models, timing
 from jaxforget import mesh as mesh_lib
+from jaxforget.methods.safe import backbone as backbone_lib
 from jaxforget.methods.safe import method as method_lib
+
+PREDICT_REPEATS = 5  # timed predict calls per configuration (median, after a warm-up call)
 
 
 def _graph_config(label: str, shards: int) -> dict | None:
@@ -43,7 +49,7 @@ def _one(job, graph_cfg, seed, backbone, splits, mesh, requests) -> dict:
     cls = method_lib.Sisa if graph_cfg["kind"] == "isolated" else method_lib.Safe
     cfg.name = cls.name
     method = cls(models.get_model(job.model), splits, cfg, mesh=mesh)
-    state = method.init(jax.random.key(seed), backbone=backbone)
+    state = method.init(jax.random.key(seed), backbone=backbone, backbone_ids=splits.core_ids)
     _, retrain_seconds = timing.timed(lambda: method.retrain(state).adapters)  # compiled by init
     order = np.random.default_rng(seed).permutation(method.forgettable_ids())
     state, _ = method.forget(state, order[:1])  # warm-up (the predict/forget programs)
@@ -56,11 +62,24 @@ def _one(job, graph_cfg, seed, backbone, splits, mesh, requests) -> dict:
         nodes.append(len(info.notes["affected_nodes"]))
     d = method.describe(state)
     accuracy = evaluate.accuracy(method.predict(state, splits.test.x), splits.test.y)
+    predict_seconds = timing.median_time(lambda: method.predict(state, splits.test.x), PREDICT_REPEATS)
+    adapter_bytes = int(sum(leaf.nbytes for leaf in jax.tree.leaves(state.adapters)))
     return {"accuracy": accuracy, "expected_cost_sum": d["expected_cost_sum"],
             "expected_cost_union": d["expected_cost_union"], "nodes": d["nodes"], "width": d["width"],
             "retrain_seconds": retrain_seconds, "forget_seconds": float(np.median(seconds)),
             "counted_cost_sum": float(np.mean(cost_sum)), "counted_cost_union": float(np.mean(cost_union)),
-            "affected_nodes": float(np.mean(nodes))}
+            "affected_nodes": float(np.mean(nodes)), "predict_ms": 1e3 * predict_seconds,
+            "adapter_bytes": adapter_bytes, "adapter_bytes_per_node": adapter_bytes // d["nodes"]}
+
+
+def _feature_pass(model, backbone, splits, layer: str) -> dict:
+    """Seconds of one backbone pass over the training set (what the feature cache saves on every build and
+    retrain) and milliseconds of one over the test set (the fixed part of every ``predict``), medians."""
+    train_x, test_x = np.asarray(splits.train.x), np.asarray(splits.test.x)
+    return {"backbone_pass_seconds": timing.median_time(
+                lambda: backbone_lib.features(model, backbone, train_x, layer), PREDICT_REPEATS),
+            "test_backbone_ms": 1e3 * timing.median_time(
+                lambda: backbone_lib.features(model, backbone, test_x, layer), PREDICT_REPEATS)}
 
 
 def _parallel(job, graph_cfg, seed, backbone, splits, mesh) -> dict:
@@ -71,7 +90,8 @@ def _parallel(job, graph_cfg, seed, backbone, splits, mesh) -> dict:
         cfg.graph.update(graph_cfg)
         cfg.name, cfg.width = "sisa", width
         method = method_lib.Sisa(models.get_model(job.model), splits, cfg, mesh=mesh)
-        state = method.init(jax.random.key(seed), backbone=backbone)  # compiles this width
+        # Compiles this width.
+        state = method.init(jax.random.key(seed), backbone=backbone, backbone_ids=splits.core_ids)
         _, out[f"{label}_seconds"] = timing.timed(lambda m=method, s=state: m.retrain(s).adapters)
     out["speedup"] = out["loop_seconds"] / out["vmap_seconds"]
     out["nodes"] = graph_cfg["shards"]
@@ -89,12 +109,13 @@ def shard_sweep(job: ml_collections.ConfigDict, *, graphs: Sequence[str], shards
     mesh = mesh_lib.make_mesh(job.num_devices or None)
     model = models.get_model(job.model)
     raw: dict[tuple[str, int], list[dict]] = {}
-    parallel = None
+    parallel, passes = None, []
     for seed in seeds:
         base_cfg = job.method.copy_and_resolve_references()
         base_cfg.graph.update(dict(kind="isolated", shards=1))
         base_cfg.name = "sisa"
         backbone = method_lib.Sisa(model, splits, base_cfg, mesh=mesh).train_backbone(jax.random.key(seed))
+        passes.append(_feature_pass(model, backbone, splits, base_cfg.layer))
         raw.setdefault(("no_sharding", 1), []).append(
             _one(job, dict(kind="isolated", shards=1, clique=1, degree=0), seed, backbone, splits, mesh, requests))
         for label in graphs:
@@ -118,11 +139,18 @@ def shard_sweep(job: ml_collections.ConfigDict, *, graphs: Sequence[str], shards
         row["forget_over_retrain"] = _summary([r["forget_seconds"] / r["retrain_seconds"] for r in runs])
         row["forget_over_no_sharding_retrain"] = _summary([r["forget_seconds"] / b["retrain_seconds"]
                                                             for b, r in zip(base, runs, strict=True)])
+        row["latency_vs_no_sharding"] = _summary([r["predict_ms"] / b["predict_ms"]
+                                                   for b, r in zip(base, runs, strict=True)])
         rows.append(row)
-    out = {"rows": rows, "parallel": parallel, "seeds": list(seeds), "requests": requests,
-           "target": _target(rows)}
+    cache = {field: _summary([p[field] for p in passes]) for field in passes[0]}
+    cache["retrain_seconds"] = _summary([b["retrain_seconds"] for b in base])
+    cache["backbone_pass_over_retrain"] = _summary([p["backbone_pass_seconds"] / b["retrain_seconds"]
+                                                    for b, p in zip(base, passes, strict=True)])
+    cache["samples"] = int(len(splits.train.y))
+    out = {"rows": rows, "parallel": parallel, "feature_cache": cache, "seeds": list(seeds), "requests": requests,
+           "predict_repeats": PREDICT_REPEATS, "target": _target(rows)}
     if plots_dir:
-        out["plots"] = plot_sweep(rows, plots_dir)
+        out["plots"] = plot_sweep(rows, plots_dir) + plot_inference(rows, cache, plots_dir)
     out["markdown"] = sweep_markdown(out)
     return out
 
@@ -139,16 +167,21 @@ def _target(rows: list[dict]) -> dict:
 
 def sweep_markdown(out: dict) -> str:
     lines = [f"Shard sweep (mean ± std over seeds {out['seeds']}; {out['requests']} single-sample deletions per "
-             "configuration after a warm-up; costs are E[C]/N):", "",
+             "configuration after a warm-up; costs are E[C]/N; predict: median of "
+             f"{out.get('predict_repeats', '?')} calls on the test set after a warm-up):", "",
              "| graph | shards | test acc. | points below no sharding | E[C] sum | E[C] union | nodes retrained | "
-             "forget s | forget / retrain all | forget / retrain unsharded |", "|" + "---|" * 10]
+             "forget s | forget / retrain all | forget / retrain unsharded | predict ms | predict / unsharded | "
+             "adapters KiB (per node) |", "|" + "---|" * 13]
     for r in sorted(out["rows"], key=lambda r: (r["graph"] != "no_sharding", r["graph"], r["shards"])):
         lines.append(
             f"| {r['graph']} | {r['shards']} | {r['accuracy']['mean']:.4f} ± {r['accuracy']['std']:.4f} "
             f"| {r['accuracy_gap_points']['mean']:+.1f} | {r['expected_cost_sum']['mean']:.3f} "
             f"| {r['expected_cost_union']['mean']:.3f} | {r['affected_nodes']['mean']:.1f} "
             f"| {r['forget_seconds']['mean']:.3f} | {r['forget_over_retrain']['mean']:.2f} "
-            f"| {r['forget_over_no_sharding_retrain']['mean']:.2f} |")
+            f"| {r['forget_over_no_sharding_retrain']['mean']:.2f} "
+            f"| {r['predict_ms']['mean']:.1f} ± {r['predict_ms']['std']:.1f} "
+            f"| {r['latency_vs_no_sharding']['mean']:.2f} "
+            f"| {r['adapter_bytes']['mean'] / 1024:.1f} ({r['adapter_bytes_per_node']['mean'] / 1024:.1f}) |")
     t = out["target"]
     lines += ["", "Target (E[C] sum ≤ 1/16 within 2 points of no sharding): "
               + (f"{'✓' if t['met'] else '✗'} best {t['best']}: {t['gap_points']:+.1f} points at E[C] = "
@@ -157,6 +190,14 @@ def sweep_markdown(out: dict) -> str:
     if p:
         lines += ["", f"Parallel training of {p['nodes']} nodes: one vmap chunk {p['vmap_seconds']:.2f} s, a loop "
                       f"over nodes {p['loop_seconds']:.2f} s ({p['speedup']:.2f}×)."]
+    c = out.get("feature_cache")
+    if c:
+        lines += ["", f"Feature cache vs on the fly: one backbone pass over the {c['samples']} training samples takes "
+                      f"{c['backbone_pass_seconds']['mean']:.3g} ± {c['backbone_pass_seconds']['std']:.2g} s, "
+                      f"{c['backbone_pass_over_retrain']['mean']:.3g}× the training of the unsharded adapter from "
+                      f"cached features ({c['retrain_seconds']['mean']:.3g} s); the cache computes it once per "
+                      "backbone, on-the-fly features repeat it in every epoch of every adapter. Of each "
+                      f"predict, the backbone pass over the test set takes {c['test_backbone_ms']['mean']:.1f} ms."]
     return "\n".join(lines)
 
 
@@ -191,6 +232,41 @@ def plot_sweep(rows: list[dict], plots_dir: str) -> list[str]:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(plots_dir, "safe_shard_sweep.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def plot_inference(rows: list[dict], cache: dict, plots_dir: str) -> list[str]:
+    """Predict latency and the adapters' memory vs shards, one line per graph (``inference_vs_shards.png``)."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    os.makedirs(plots_dir, exist_ok=True)
+    base = next(r for r in rows if r["graph"] == "no_sharding")
+    graphs = sorted({r["graph"] for r in rows} - {"no_sharding"})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for label in graphs:
+        rs = sorted((r for r in rows if r["graph"] == label), key=lambda r: r["shards"])
+        n = [r["shards"] for r in rs]
+        axes[0].errorbar(n, [r["predict_ms"]["mean"] for r in rs], yerr=[r["predict_ms"]["std"] for r in rs],
+                         marker="o", label=label, capsize=2)
+        axes[1].plot(n, [r["adapter_bytes"]["mean"] / 1024 for r in rs], marker="o", label=label)
+    axes[0].axhline(base["predict_ms"]["mean"], color="k", ls="--", lw=1, label="no sharding")
+    axes[0].axhline(cache["test_backbone_ms"]["mean"], color="gray", ls=":", lw=1, label="backbone pass only")
+    axes[1].axhline(base["adapter_bytes"]["mean"] / 1024, color="k", ls="--", lw=1, label="no sharding")
+    axes[0].set_ylabel("predict on the test set (ms, median)")
+    axes[1].set_ylabel("adapters (KiB)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("shards n")
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(plots_dir, "inference_vs_shards.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return [path]
