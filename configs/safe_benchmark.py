@@ -6,13 +6,14 @@ Command:
   python -m launch.report runs/benchmark_safe/benchmark.json --readme --block=benchmark_safe
 
 Workloads (forget jobs of configs/safe_digits.py, one sample per request): SAFE with cliques of 2 over 8 shards, and
-SISA over 8 shards, each judged against its build from scratch (which the forget equals bitwise). Study ``shards``:
-n ∈ {1, 2, 4, …, 64} shards for isolated (SISA), cliques of 2, 4 and 8, a ring of out-degree 1 and the safe-shard
-graph, over 3 seeds: test accuracy, the gap to no sharding, expected deletion cost under both conventions, time per
-deletion against retraining every adapter and against retraining the unsharded model, vmap vs a loop over nodes,
-predict latency and adapter memory vs shards, and one backbone pass (what the feature cache saves) vs training the
-unsharded adapter from cached features. Runtime on 2 CPU cores: about a quarter of an hour (quick: about a minute).
-Results: <workdir>/benchmark.json, <workdir>/shards/safe_shard_sweep.png, <workdir>/shards/inference_vs_shards.png.
+SISA over 8 shards, with and without 4 slices per shard, each judged against its build from scratch (which the forget
+equals bitwise). Study ``shards``: n ∈ {1, 2, 4, …, 64} shards for isolated (SISA), cliques of 2, 4 and 8, a ring of
+out-degree 1 and the safe-shard graph, over 3 seeds: test accuracy, the gap to no sharding, expected deletion cost under
+both conventions, time per deletion against retraining every adapter and against retraining the unsharded model, vmap vs
+a loop over nodes, predict latency and adapter memory vs shards, and one backbone pass (what the feature cache saves) vs
+training the unsharded adapter from cached features. Runtime on 2 CPU cores: about a quarter of an hour (quick: about a
+minute). Results: <workdir>/benchmark.json, <workdir>/shards/safe_shard_sweep.png,
+<workdir>/shards/inference_vs_shards.png.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.workloads = ml_collections.ConfigDict({
         "digits_safe_cliques2_n8": safe_digits.get_config(f"requests={arg.requests}{quick}"),
         "digits_sisa_n8": safe_digits.get_config(f"graph=isolated,requests={arg.requests}{quick}"),
+        # SISA's slices: a deletion restarts its shard's adapter from the stage before the sample's slice.
+        "digits_sisa_n8_slices4": safe_digits.get_config(f"graph=isolated,slices=4,requests={arg.requests}{quick}"),
     })
     # Targets (✓/✗): a single-sample deletion at most 0.5× the retrain of every adapter.
     c.targets = ml_collections.ConfigDict(dict(max_rel_error=0.0, max_time_ratio={"retrain": 0.5}))

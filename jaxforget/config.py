@@ -27,7 +27,9 @@ def forget_job(method: str, model: dict) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(model)
     c.method = get_method(method).default_config()
     # Requests: sequential, each a fixed-seed random draw of `fraction` of the ids the method may forget.
-    c.requests = ml_collections.ConfigDict(dict(num_requests=10, fraction=0.01, seed=0))
+    # noise_seed: -1 draws each request's noise key from the OS, secret and unrecorded; >= 0 makes request k's key
+    # fold_in(key(noise_seed), k), so that two runs are bit-identical (noise included).
+    c.requests = ml_collections.ConfigDict(dict(num_requests=10, fraction=0.01, seed=0, noise_seed=-1))
     # Evaluation: the method's timed baselines besides its retrain; the oracle cache ("": <workdir>/oracle_cache).
     c.eval = ml_collections.ConfigDict(dict(baselines=(), oracle_cache=""))
     runtime_fields(c)
@@ -53,11 +55,15 @@ def validate_forget_job(config: ml_collections.ConfigDict) -> None:
                              "checkpoint_max_to_keep"), "forget job")
     data_lib.validate_config(config.data)
     get_method(config.method.name).validate_config(config.method)
-    base.validate_fields(config.requests, ml_collections.ConfigDict(dict(num_requests=1, fraction=0.0, seed=0)),
-                         "requests")
+    base.validate_fields(config.requests, ml_collections.ConfigDict(dict(num_requests=1, fraction=0.0, seed=0,
+                                                                         noise_seed=-1)), "requests")
     base.check_range(config.requests.num_requests, "requests.num_requests", low=1)
     base.check_range(config.requests.fraction, "requests.fraction", low=0, high=1, low_open=True)
     base.check_range(config.requests.seed, "requests.seed", low=0)
+    if isinstance(config.requests.noise_seed, bool) or not isinstance(config.requests.noise_seed, int) \
+            or config.requests.noise_seed < -1:
+        raise errors.ConfigError(f"requests.noise_seed must be an integer >= -1 (-1: secret noise), got "
+                                 f"{config.requests.noise_seed!r}.")
     base.validate_fields(config.eval, ml_collections.ConfigDict(dict(baselines=(), oracle_cache="")), "eval")
     _check_runtime(config)
     base.check_range(config.checkpoint_max_to_keep, "checkpoint_max_to_keep", low=1)
@@ -120,3 +126,32 @@ def validate_compare(config: ml_collections.ConfigDict) -> None:
     for field in ("size", "batch_size", "max_epochs"):
         base.check_range(rc[field], f"compare: eval.relearn.{field}", low=1)
     _check_runtime(ml_collections.ConfigDict(dict(seed=0, num_devices=config.num_devices)))
+
+
+def _flatten(obj, prefix: str = "") -> dict:
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: list(obj) if isinstance(obj, tuple) else obj}
+
+
+def config_diff(old, new, *, limit: int = 8) -> list[str]:
+    """``"field: old → new"`` for every field two configs (or their dict/JSON forms) disagree on, sorted, at most
+    ``limit`` (then a count of the rest).
+
+    Examples:
+      >>> config_diff({"method": {"sigma": 1e-4, "mu": 1.0}}, {"method": {"sigma": 2e-4, "mu": 1.0}})
+      ['method.sigma: 0.0001 → 0.0002']
+    """
+    a, b = _flatten(old), _flatten(new)
+
+    def show(d: dict, key: str) -> str:
+        return repr(d[key]) if key in d else "(absent)"
+
+    lines = [f"{k}: {show(a, k)} → {show(b, k)}" for k in sorted(set(a) | set(b))
+             if k not in a or k not in b or a[k] != b[k]]
+    return lines[:limit] + ([f"… and {len(lines) - limit} more"] if len(lines) > limit else [])

@@ -64,6 +64,10 @@ class ConfigError(JaxForgetError, ValueError):
     """An invalid or inconsistent configuration value."""
 
 
+class StateMismatchError(JaxForgetError, ValueError):
+    """A state used with a method built on other data (another dataset, split or core) than the state was made on."""
+
+
 def _preview(values: Iterable, limit: int = 10) -> str:
     values = list(values)
     head = ", ".join(str(v) for v in values[:limit])

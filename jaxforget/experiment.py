@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxforget import checkpoint, compat, evaluate, methods, oracle, progress, report, timing
+from jaxforget import checkpoint, compat, errors, evaluate, methods, oracle, progress, report, timing
 from jaxforget import config as config_lib
 from jaxforget import data as data_lib
 
@@ -62,9 +62,15 @@ def config_hash(config: ml_collections.ConfigDict, *sections: str) -> str:
 
 @compat.host_blas_threads(1)  # see compat.host_blas_threads: XLA keeps the cores while timing
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs the whole job and returns the report (also written to ``workdir/report.json``)."""
+    """Runs the whole job and returns the report (also written to ``workdir/report.json``), holding the workdir's
+    lock; a rerun resumes from the last committed request if the job's config is the same, and names the fields
+    that differ if it is not."""
     config_lib.validate_forget_job(config)
-    os.makedirs(workdir, exist_ok=True)
+    with checkpoint.WorkdirLock(workdir):
+        return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ------------------------------------------------------------------ setup
     method = methods.build(config)
     logging.info("jaxforget forget job: method %s on %d device(s): %s", method.name, method.mesh.size,
@@ -87,15 +93,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if step is None:
         state, train_seconds = timing.timed(method.init, jax.random.key(config.seed))
         meta = {"train_seconds": train_seconds, "requests": [], "plan_sha256": plan_hash, "config_sha256": run_hash,
-                "method": method.name, "resumed_at": []}
+                "method": method.name, "resumed_at": [], "job": _job_sections(config)}
         ckpt.save(0, state, meta)
         step = 0
     else:
         state, meta = ckpt.restore(step, method.abstract_state())
-        if meta.get("plan_sha256") != plan_hash or meta.get("config_sha256", run_hash) != run_hash:
-            raise ValueError(
-                f"{workdir} holds a run of method {meta.get('method')!r} with a different request plan or "
-                f"data/model/method config than this one ({method.name!r}); use a fresh --workdir for a new config.")
+        if meta.get("plan_sha256") != plan_hash or meta.get("config_sha256", run_hash) != run_hash or meta.get(
+                "job", _job_sections(config)) != _job_sections(config):
+            diff = config_lib.config_diff(meta.get("job", {}), _job_sections(config))
+            raise errors.ConfigError(
+                f"{workdir} holds a run of method {meta.get('method')!r} with another config than this one "
+                f"({method.name!r}): {'; '.join(diff) or 'a different request plan'}. Use a fresh --workdir for a "
+                "new config, or rerun with the saved one.")
         meta["resumed_at"] = list(meta.get("resumed_at", [])) + [step]
         logging.info("Resumed from step %d (%d requests done).", step, step)
         print(f"resumed from checkpoint step {step}", flush=True)
@@ -118,10 +127,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     compiles = timing.CompileCounter()
     last_info, previous = None, oracle.flat_params(method.params(state))
     for k in range(step, len(plan)):
+        key = noise_key(config.requests.noise_seed, k + 1)
         with compiles, jax.transfer_guard_host_to_device("disallow"):
             # Implicit host-to-device copies are errors in the request (explicit device_put only); device-to-host
             # reads stay allowed: a request checks its residuals and its ledger on the host by design.
-            new_state, info = method.forget(state, plan[k])
+            new_state, info = method.forget(state, plan[k], key=key)
         sets = oracle.eval_sets(method.splits, method.forgotten_ids(new_state))
         entry, oracle_info, _ = oracle.retrain_oracle(method, new_state, cache=cache, sets=sets, seed=config.seed)
         reference = entry.params["flat"][0]
@@ -163,6 +173,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     report.plot_requests(out, os.path.join(workdir, "requests.png"))
     ckpt.close()
     return out
+
+
+def noise_key(noise_seed: int | None, request: int) -> jax.Array | None:
+    """Request ``request``'s noise key: ``fold_in(key(noise_seed), request)``, or ``None`` (the method draws a
+    secret one) when ``noise_seed`` is ``None`` or negative."""
+    if noise_seed is None or noise_seed < 0:
+        return None
+    return jax.random.fold_in(jax.random.key(int(noise_seed)), int(request))
+
+
+def _job_sections(config: ml_collections.ConfigDict) -> dict:
+    """What a resumed run must share with the run it resumes (canonical JSON: tuples and lists alike)."""
+    sections = {name: config[name].to_dict() for name in ("data", "model", "method", "requests")}
+    sections["eval"] = {"baselines": list(config.eval.baselines)}  # where the oracle cache lives does not matter
+    return json.loads(json.dumps(sections, default=str))
 
 
 def restore_latest_state(method: methods.Method, workdir: str):

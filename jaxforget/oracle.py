@@ -589,7 +589,9 @@ def retrain_oracle(method, state, *, cache: OracleCache | None, sets: Mapping, s
         with compiles:
             retrained = jax.block_until_ready(method.retrain(state))
         seconds = time.perf_counter() - start - compiles.seconds
-        entry = population_entry(method, [retrained], [seconds], sets, meta={"compile_seconds": compiles.seconds})
+        # The forgotten ids say which deletions the entry honours (a workdir's verify checks its cache with them).
+        entry = population_entry(method, [retrained], [seconds], sets, meta={
+            "compile_seconds": compiles.seconds, "forgotten_ids": method.forgotten_ids(state).tolist()})
         entry.params["state"] = jax.tree.map(lambda a: np.asarray(a)[None], serialization.to_state_dict(retrained))
         return entry
 

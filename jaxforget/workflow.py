@@ -5,9 +5,15 @@ requests over weeks, for every registered method.
   ledger, and writes ``W/model.json``: the method, the resolved config and the ids a request may name
   (``forgettable_ids``: the user ids of mixed-linear, the whole training set of a general network).
 * :func:`forget` (``python -m launch.forget --workdir=W --ids=FILE [--request_id=R]``) applies one request to the
-  saved state: validated first, then a new checkpoint step written and swapped in atomically (orbax), holding the
-  new state *and* the ledger record (request id, ids, method, time, parameter hashes before and after, readouts).
-  A replayed request id with the same ids is reported and not applied twice; with other ids it is refused.
+  saved state: validated first, then a new checkpoint step written, committed by its manifest
+  (:mod:`jaxforget.checkpoint`) and swapped in, holding the new state *and* the ledger record (request id, ids,
+  method, time, parameter hashes before and after, readouts). A replayed request id with the same ids is reported and
+  not applied twice; with other ids it is refused.
+* **Nothing forgotten stays on disk.** A workdir keeps one committed step: once a request commits, the previous step
+  (the model that still held the samples) is deleted, and so are the evaluation's retrain cache and report, which
+  were made for the previous retained set. :func:`verify` checks it.
+* Every job holds the workdir's lock (:class:`jaxforget.checkpoint.WorkdirLock`): a second job on the same workdir
+  is refused, never interleaved.
 * :func:`evaluate` (``python -m launch.evaluate --workdir=W``) judges the current state against a retrain on the
   retained data (cached by content) and runs :func:`verify`: the ledger, the checkpoint and the config agree, and no
   forgotten id is in any data the current state depends on.
@@ -24,7 +30,9 @@ Examples:
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -75,8 +83,25 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _ckpt(workdir: str, max_to_keep: int | None = None) -> checkpoint.Checkpointer:
-    return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=max_to_keep)
+ORACLE_CACHE = "oracle_cache"
+
+
+def _ckpt(workdir: str) -> checkpoint.Checkpointer:
+    # One committed step: an older one would still hold the samples a later request deleted.
+    return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1)
+
+
+def _locked(fn):
+    """Runs ``fn(workdir, ...)`` holding ``workdir``'s lock."""
+
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with checkpoint.WorkdirLock(signature.bind(*args, **kwargs).arguments["workdir"]):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,6 +109,7 @@ def _ckpt(workdir: str, max_to_keep: int | None = None) -> checkpoint.Checkpoint
 # --------------------------------------------------------------------------------------------------
 
 
+@_locked
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains the original of ``config.method`` and saves it with an empty ledger; returns ``model.json``'s content.
 
@@ -102,7 +128,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if model["config_sha256"] != digest:
             raise WorkdirError(
                 f"{workdir} already holds a model of method {model['method']!r} (config {model['config_sha256'][:12]}"
-                f"); this config is method {config.method.name!r} (config {digest[:12]}). Use a fresh --workdir.")
+                f"); this config is method {config.method.name!r} (config {digest[:12]}), differing in "
+                f"{'; '.join(config_lib.config_diff(model['config'], json.loads(config.to_json_best_effort())))}. "
+                "Use a fresh --workdir.")
         print(f"{workdir} already holds this model (method {model['method']}); nothing to train.", flush=True)
         return model
     method = methods.build(config)
@@ -110,7 +138,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, seconds = timing.timed(method.init, jax.random.key(config.seed))
     meta = {"kind": "model", "method": method.name, "config_sha256": digest, "train_seconds": seconds,
             "trained_at": _now(), "params_sha256": params_sha256(method.params(state)), "ledger": []}
-    ckpt = _ckpt(workdir, config.checkpoint_max_to_keep)
+    ckpt = _ckpt(workdir)
     try:
         if ckpt.latest_step() is not None:
             raise WorkdirError(f"{workdir}/checkpoints holds checkpoints but no {MODEL_FILE}: not a jaxforget model "
@@ -163,8 +191,9 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None):
     if config is not None and config_sha256(config) != model["config_sha256"]:
         raise WorkdirError(
             f"{workdir} holds a model of method {model['method']!r} (config {model['config_sha256'][:12]}), but the "
-            f"given config is method {config.method.name!r} (config {config_sha256(config)[:12]}); drop --config to "
-            "use the workdir's own, or use another --workdir.")
+            f"given config is method {config.method.name!r} (config {config_sha256(config)[:12]}), differing in "
+            f"{'; '.join(config_lib.config_diff(model['config'], json.loads(config.to_json_best_effort())))}; drop "
+            "--config to use the workdir's own, or use another --workdir.")
     method = methods.build(saved)
     try:
         state, meta, step = checkpoint.restore_latest(os.path.join(workdir, "checkpoints"), method.abstract_state())
@@ -223,8 +252,9 @@ def parse_ids(spec) -> np.ndarray:
     return np.asarray(ids, np.int64)
 
 
+@_locked
 def forget(workdir: str, ids, *, request_id: str | None = None,
-           config: ml_collections.ConfigDict | None = None) -> dict:
+           config: ml_collections.ConfigDict | None = None, noise_seed: int | None = None) -> dict:
     """Applies one deletion request to the saved state of ``workdir``, atomically, and records it in the ledger.
 
     Args:
@@ -233,6 +263,8 @@ def forget(workdir: str, ids, *, request_id: str | None = None,
       request_id: a caller's name for the request (a ticket number); default ``request-<k>``. Replaying an id with
         the same ids reports it and applies nothing; with other ids raises :class:`RequestIdError`.
       config: optional: the config the caller expects the workdir to hold (a different one raises).
+      noise_seed: optional: the request's noise key is ``fold_in(key(noise_seed), request number)`` (reproducible,
+        and recorded in the ledger); by default the method draws a secret key that is not recorded anywhere.
 
     Returns:
       The ledger record, with ``status`` ``"applied"`` or ``"already_applied"``.
@@ -256,8 +288,9 @@ def forget(workdir: str, ids, *, request_id: str | None = None,
             return {**previous, "status": "already_applied"}
     before = params_sha256(method.params(state))
     compiles = timing.CompileCounter()  # each request is a new process: say how much of it was compilation
+    key = experiment.noise_key(noise_seed, int(state.ledger.num_requests) + 1)
     with compiles, jax.transfer_guard_host_to_device("disallow"):  # see experiment.run
-        new_state, info = method.forget(state, ids)
+        new_state, info = method.forget(state, ids, key=key)
     after = params_sha256(method.params(new_state))
     sets = oracle.eval_sets(method.splits, method.forgotten_ids(new_state))
     this = method.splits.train.subset(ids)
@@ -268,13 +301,18 @@ def forget(workdir: str, ids, *, request_id: str | None = None,
         "ids": np.sort(np.asarray(ids, np.int64)).tolist(), "method": method.name, "applied_at": _now(),
         "params_sha256_before": before, "params_sha256_after": after, "accuracy": readouts, "info": info.to_json(),
         "compilations": compiles.count, "compile_seconds": compiles.seconds,
+        "noise": "secret" if key is None else {"seed": int(noise_seed)},
     }
     meta = {**meta, "ledger": [*ledger, record]}
-    ckpt = _ckpt(workdir, int(ml_collections.ConfigDict(read_model(workdir)["config"]).checkpoint_max_to_keep))
+    ckpt = _ckpt(workdir)
     try:
-        ckpt.save(step + 1, new_state, meta)  # orbax writes a temporary step and renames it: atomic
+        ckpt.save(step + 1, new_state, meta)  # committed by its manifest; the previous step is then deleted
     finally:
         ckpt.close()
+    # Made for the previous retained set: a retrain that saw these samples, and readouts of a superseded model.
+    checkpoint.remove_tree(os.path.join(workdir, ORACLE_CACHE))
+    if os.path.exists(os.path.join(workdir, EVALUATION_FILE)):
+        os.remove(os.path.join(workdir, EVALUATION_FILE))
     report.write_json({"requests": meta["ledger"]}, os.path.join(workdir, LEDGER_FILE))
     print(f"forgot {len(record['ids'])} ids ({record['request_id']}) with {method.name} in {info.seconds:.3f} s; "
           f"accuracy on them {readouts['request']:.3f}, retained {readouts['retain']:.3f}, "
@@ -319,12 +357,37 @@ def verify(workdir: str, *, loaded=None) -> dict:
         problems.append(f"the state marks {int((removed_by > 0).sum())} samples removed, the ledger "
                         f"{sum(len(r['ids']) for r in ledger)}")
     check("ledger", not problems, "; ".join(problems) or f"{len(ledger)} request(s), each id marked by its request")
-    leaked = np.intersect1d(method.depends_on(state), method.forgotten_ids(state))
+    forgotten = method.forgotten_ids(state)
+    leaked = np.intersect1d(method.depends_on(state), forgotten)
     check("data", leaked.size == 0, f"{leaked.size} forgotten id(s) in the data the state depends on"
           + (f": {leaked[:10].tolist()}" if leaked.size else ""))
+    check("disk", *_disk_problems(workdir, step, forgotten))
     return {"ok": all(c["ok"] for c in checks), "step": step, "checks": checks}
 
 
+def _disk_problems(workdir: str, step: int, forgotten: np.ndarray) -> tuple[bool, str]:
+    """Whether anything in ``workdir`` still depends on a forgotten sample: a checkpoint step other than the current
+    one, or a retrain-cache entry made before one of the deletions."""
+    problems = []
+    root = os.path.join(workdir, "checkpoints")
+    others = sorted(int(d) for d in os.listdir(root) if d.isdigit() and int(d) != step)
+    if others:
+        problems.append(f"checkpoint steps {others} besides the current step {step}")
+    cache = os.path.join(workdir, ORACLE_CACHE)
+    for key in sorted(os.listdir(cache)) if os.path.isdir(cache) else []:
+        try:
+            with open(os.path.join(cache, key, "entry.json"), encoding="utf-8") as f:
+                honoured = json.load(f)["meta"]["forgotten_ids"]
+        except (OSError, ValueError, KeyError, TypeError):
+            problems.append(f"retrain cache entry {key[:12]} does not say which deletions it honours")
+            continue
+        missing = np.setdiff1d(forgotten, honoured)
+        if missing.size:
+            problems.append(f"retrain cache entry {key[:12]} was trained with {missing.size} forgotten id(s)")
+    return not problems, "; ".join(problems) or f"only step {step} on disk; every cached retrain honours every deletion"
+
+
+@_locked
 def evaluate_workdir(workdir: str, *, seed: int = 0) -> dict:
     """Judges the current state against a retrain on its retained data (cached under ``W/oracle_cache``), with the
     harness readouts (accuracies, distances, named membership attacks), and verifies the workdir; writes
@@ -337,7 +400,7 @@ def evaluate_workdir(workdir: str, *, seed: int = 0) -> dict:
     method, state, meta, step = loaded
     forgotten = method.forgotten_ids(state)
     sets = oracle.eval_sets(method.splits, forgotten)
-    cache = oracle.OracleCache(os.path.join(workdir, "oracle_cache"))
+    cache = oracle.OracleCache(os.path.join(workdir, ORACLE_CACHE))
     entry, info, _ = oracle.retrain_oracle(method, state, cache=cache, sets=sets, seed=seed)
     out = {"method": method.name, "step": step, "num_requests": len(meta.get("ledger", [])),
            "num_forgotten": int(forgotten.size), "oracle": {k: info[k] for k in ("key", "source")}

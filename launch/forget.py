@@ -1,7 +1,7 @@
 """Forget: one request on a trained workdir (``--ids``), or a config's planned stream judged against retraining.
 
   python -m launch.forget --workdir=runs/model --ids=ids.txt [--request_id=ticket-17]     # after launch.train
-  python -m launch.forget --workdir=runs/model --ids=3,17,42
+  python -m launch.forget --workdir=runs/model --ids=3,17,42 --noise_seed=7   # reproducible noise, recorded
   python -m launch.forget --config=configs/mixed_linear_digits.py:quick --workdir=runs/mlf  # the planned stream
 """
 
@@ -13,13 +13,16 @@ from jaxforget import app, experiment, workflow
 IDS = flags.DEFINE_string("ids", None, "Ids to forget: a file (.txt/.csv/.npy) or a comma list; needs a trained "
                                        "--workdir (launch.train).")
 REQUEST_ID = flags.DEFINE_string("request_id", None, "Name of the request (a replay of it is not applied twice).")
+NOISE_SEED = flags.DEFINE_integer("noise_seed", None, "With --ids: seed of the request's noise key (reproducible and "
+                                                      "recorded); by default the noise key is secret.")
 CONFIG = app.config_flag(required=False)
 WORKDIR = app.workdir_flag()
 
 
 def main():
     if IDS.value is not None:
-        workflow.forget(WORKDIR.value, IDS.value, request_id=REQUEST_ID.value, config=CONFIG.value)
+        workflow.forget(WORKDIR.value, IDS.value, request_id=REQUEST_ID.value, config=CONFIG.value,
+                        noise_seed=NOISE_SEED.value)
     elif CONFIG.value is None:
         raise absl_app.UsageError("Give --ids (a request on a trained workdir) or --config (the planned stream).")
     else:

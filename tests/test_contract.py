@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import TINY_MLP, tiny_data, tiny_forget_job, tiny_method
 
-from jaxforget import benchmark, compare, experiment, methods, report, train
+from jaxforget import benchmark, compare, errors, experiment, methods, report, train
 from jaxforget import config as config_lib
 from jaxforget.methods import ClassifierMethod
 
@@ -112,3 +112,21 @@ def test_every_registered_method_checkpoints_through_its_abstract_state(tmp_path
         assert meta == {"method": name}
         for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("name", ["mixed_linear", "finetune", "sisa"])
+def test_a_state_is_bound_to_the_data_it_was_made_on(name):
+    job = tiny_forget_job(name)
+    if name == "mixed_linear":
+        job.method.linearize = "head"
+    made_on = methods.build(job)
+    state = made_on.init(jax.random.key(0))
+    job.data.seed = 1  # another split of the same size
+    other = methods.build(job)
+    assert other.num_train == made_on.num_train
+    ids = other.forgettable_ids()[:2]
+    with pytest.raises(errors.StateMismatchError, match="another dataset, split or core"):
+        other.forget(state, ids)
+    with pytest.raises(errors.StateMismatchError):
+        other.retrain(state)
+    made_on.forget(state, made_on.forgettable_ids()[:2])  # its own method takes it

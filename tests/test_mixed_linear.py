@@ -8,7 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from jaxforget import compat, data, errors, evaluate, kernels, ledger, mesh, models, timing
-from jaxforget.methods import Ledger, mixed_linear
+from jaxforget.methods import mixed_linear
 
 pytestmark = pytest.mark.xdist_group("mixed_linear")
 
@@ -164,7 +164,7 @@ def test_masked_retain_set_equals_physically_reduced_data(setup):
     if cfg.regularization == "fixed":  # (1/n)Σ_{D_r} + μ/2‖w‖² has the minimiser of (1/n_r)Σ_{D_r} + (μn/n_r)/2‖w‖²
         cfg.mu = ml.config.mu * ml.num_train / len(keep)
     ml_reduced = mixed_linear.MixedLinear(model, reduced, cfg, mesh=mesh.make_mesh(1))
-    fresh = mixed_linear.MixedLinearState(core=state.core, w_u=state.w_u, ledger=Ledger.empty(len(keep)))
+    fresh = mixed_linear.MixedLinearState(core=state.core, w_u=state.w_u, ledger=ml_reduced.empty_ledger())
     w64, _ = ml_reduced.solve(fresh, dtype=jnp.float64, tol=1e-12, maxiter=5000)
     assert rel(new_state.w_u, w64) <= 1e-5
 

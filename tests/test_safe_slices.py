@@ -2,6 +2,8 @@
 the result is bitwise the sliced build from scratch, the earlier checkpoints are untouched, and the counted work
 equals the schedule's."""
 
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -94,7 +96,9 @@ def test_a_deletion_restarts_from_its_slice_and_is_bitwise_the_sliced_build(slic
     other = user[(slice_of == 1) & (shard_of != shard_of[slice_of == 2][0])][:1]
     pair = np.concatenate([user[(slice_of == 0) & (shard_of == 1)][:1], user[(slice_of == 2) & (shard_of == 1)][1:2]])
     for ids in (first, other, pair):
+        began = time.perf_counter()
         new, info = method.forget(state, ids)
+        assert 0 < info.seconds <= time.perf_counter() - began  # the reported time is the request's own
         starts = slices.request_starts(method.graph, np.asarray(state.shard_of), np.asarray(state.slice_of),
                                        np.searchsorted(method.train_ids, ids))
         assert info.notes["affected_nodes"] == sorted(starts)

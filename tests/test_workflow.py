@@ -151,3 +151,20 @@ def test_the_launchers_train_forget_and_evaluate(tmp_path):
     out = launch("evaluate", "--verify_only")
     assert out.returncode == 0 and json.loads(out.stdout)["ok"]
     _ = jax  # the launchers run in subprocesses; this process only reads their files
+
+
+def test_a_seeded_noise_key_makes_requests_bit_identical_and_an_unseeded_one_stays_secret(tmp_path):
+    config = tiny_forget_job("mixed_linear")
+    config.method.linearize = "head"
+    config.method.sigma = 1e-2
+    records = {}
+    for run in ("a", "b"):
+        workdir = str(tmp_path / run)
+        model = workflow.train(config, workdir)
+        ids = model["forgettable_ids"]
+        records[run] = [workflow.forget(workdir, ids[:3], noise_seed=7), workflow.forget(workdir, ids[3:5])]
+    seeded, secret = zip(*records.values(), strict=True)
+    assert seeded[0]["params_sha256_after"] == seeded[1]["params_sha256_after"]
+    assert seeded[0]["noise"] == {"seed": 7}
+    assert secret[0]["params_sha256_after"] != secret[1]["params_sha256_after"]
+    assert secret[0]["noise"] == "secret" and "7" not in json.dumps(secret[0]["noise"])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -53,25 +54,39 @@ class Ledger:
       removed_by: ``int32[n_train]``; ``0`` for a retained sample, ``k`` if request ``k`` (1-based) removed it.
         Positions follow the method's training set (sorted ids).
       num_requests: ``int32[]`` requests served so far.
+      data: ``uint32[8]`` the SHA-256 of the data the state was made on (:func:`data_binding`): the training set's
+        ids and contents and the protected ids, so that a state is never read through another split.
     """
 
     removed_by: jax.Array
     num_requests: jax.Array
+    data: jax.Array
 
     @classmethod
-    def empty(cls, num_train: int) -> Ledger:
-        """A ledger of ``num_train`` samples with nothing removed."""
-        return cls(removed_by=ledger.new_ledger(num_train), num_requests=jnp.zeros((), jnp.int32))
+    def empty(cls, num_train: int, data: np.ndarray | None = None) -> Ledger:
+        """A ledger of ``num_train`` samples with nothing removed, bound to ``data`` (zeros: unbound)."""
+        data = np.zeros(8, np.uint32) if data is None else np.asarray(data, np.uint32)
+        return cls(removed_by=ledger.new_ledger(num_train), num_requests=jnp.zeros((), jnp.int32),
+                   data=jnp.asarray(data))
 
     def record(self, positions: np.ndarray) -> Ledger:
         """The ledger after one more request that removes ``positions``."""
         request = int(self.num_requests) + 1
         return Ledger(removed_by=ledger.record(self.removed_by, positions, request),
-                      num_requests=jax.device_put(np.int32(request)))  # explicit: requests run under a transfer guard
+                      num_requests=jax.device_put(np.int32(request)),  # explicit: requests run under a transfer guard
+                      data=self.data)
 
     def retain_mask(self) -> np.ndarray:
         """``bool[n_train]``: True for retained samples."""
         return ledger.retain_mask(self.removed_by)
+
+
+def data_binding(splits: data_lib.Splits, protected_ids: np.ndarray) -> np.ndarray:
+    """``uint32[8]``: SHA-256 of the training set's content key (ids, inputs, labels) and the protected ids."""
+    h = hashlib.sha256(b"jaxforget.ledger.data/v1")
+    h.update(splits.train.fingerprint().encode())
+    h.update(np.asarray(np.sort(protected_ids), "<i8").tobytes())
+    return np.frombuffer(h.digest(), "<u4").astype(np.uint32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,13 +175,33 @@ class Method(abc.ABC):
         """Ids that can never be forgotten (mixed-linear's core); requests naming them raise ``CoreIdsError``."""
         return np.zeros(0, np.int64)
 
+    @functools.cached_property
+    def data_binding(self) -> np.ndarray:
+        """``uint32[8]`` the data this method's states are bound to (:func:`data_binding`)."""
+        return data_binding(self.splits, self.protected_ids())
+
+    def empty_ledger(self) -> Ledger:
+        """A ledger of this method's training set with nothing removed, bound to its data."""
+        return Ledger.empty(self.num_train, self.data_binding)
+
     def check_state(self, state: State) -> None:
-        """Raises ``ShapeDtypeError`` for a state whose ledger does not fit this method's training set."""
+        """Raises a named error for a state whose ledger does not fit this method's training set.
+
+        Raises:
+          ShapeDtypeError: a ledger of another size. StateMismatchError: a state made on other data (another
+            dataset, split or core), even of the same size.
+        """
         removed_by = np.asarray(state.ledger.removed_by)
         if removed_by.shape != (self.num_train,):
             raise errors.ShapeDtypeError(
                 f"The state's ledger covers {removed_by.shape} samples, but method {self.name!r} was built on a "
                 f"training set of {self.num_train}: the state comes from another dataset or split.")
+        bound = np.asarray(state.ledger.data, np.uint32)
+        if not np.array_equal(bound, self.data_binding):
+            raise errors.StateMismatchError(
+                f"The state was made on data {_hex(bound)}, but method {self.name!r} was built on data "
+                f"{_hex(self.data_binding)} (training ids, inputs, labels and protected ids): the state comes from "
+                "another dataset, split or core; using it here would forget the wrong samples.")
 
     def validate_request(self, state: State, ids) -> np.ndarray:
         """Checks a request against the training set, the protected ids and the ledger; returns positions.
@@ -309,6 +344,10 @@ class Method(abc.ABC):
 # --------------------------------------------------------------------------------------------------
 # Config validation
 # --------------------------------------------------------------------------------------------------
+
+
+def _hex(words: np.ndarray) -> str:
+    return np.asarray(words, "<u4").tobytes().hex()[:12]
 
 
 def validate_fields(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict, where: str) -> None:

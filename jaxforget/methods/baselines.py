@@ -103,7 +103,7 @@ class ClassifierMethod(base.Method, abc.ABC):
 
     def init(self, key: jax.Array) -> ClassifierState:
         variables = self._recipe(key, np.arange(self.num_train), desc="original")
-        return ClassifierState(variables, base.Ledger.empty(self.num_train), jax.random.key_data(key))
+        return ClassifierState(variables, self.empty_ledger(), jax.random.key_data(key))
 
     def retrain(self, state: ClassifierState, key: jax.Array | None = None) -> ClassifierState:
         self.check_state(state)
@@ -113,7 +113,7 @@ class ClassifierMethod(base.Method, abc.ABC):
 
     def init_population(self, keys: Sequence[jax.Array]) -> list[ClassifierState]:
         variables = self._recipe_population(keys, np.arange(self.num_train), desc="originals")
-        return [ClassifierState(v, base.Ledger.empty(self.num_train), jax.random.key_data(k))
+        return [ClassifierState(v, self.empty_ledger(), jax.random.key_data(k))
                 for v, k in zip(variables, keys, strict=True)]
 
     def retrain_population(self, state: ClassifierState, keys: Sequence[jax.Array]) -> list[ClassifierState]:
@@ -137,7 +137,7 @@ class ClassifierMethod(base.Method, abc.ABC):
 
     def abstract_state(self) -> ClassifierState:
         variables = models.init_variables(self.model, jax.random.key(0), self.splits.train.x.shape[1:])
-        return ClassifierState(variables, base.Ledger.empty(self.num_train),
+        return ClassifierState(variables, self.empty_ledger(),
                                jax.random.key_data(jax.random.key(0)))
 
     def forget(self, state: ClassifierState, ids, *, key: jax.Array | None = None

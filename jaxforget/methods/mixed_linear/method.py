@@ -188,7 +188,7 @@ class MixedLinear(base.Method):
         """A state on ``core`` with zero user weights and nothing forgotten (no training)."""
         errors.check_finite(core, "core weights")
         lin, _ = self.split(core)
-        return MixedLinearState(core=core, w_u=self.problem.zeros_like(lin), ledger=Ledger.empty(self.num_train))
+        return MixedLinearState(core=core, w_u=self.problem.zeros_like(lin), ledger=self.empty_ledger())
 
     def init(self, key: jax.Array, core: PyTree | None = None) -> MixedLinearState:
         """Trains the core (unless given) and the user weights on the whole training set."""
@@ -360,7 +360,7 @@ class MixedLinear(base.Method):
         core = models.init_variables(self.model, jax.random.key(0), self.splits.train.x.shape[1:])
         predicate = models.linearize_predicate(core["params"], self.config.linearize)
         lin, _ = kernels.split_params(core["params"], predicate)
-        return MixedLinearState(core=core, w_u=optax.tree.zeros_like(lin), ledger=Ledger.empty(self.num_train))
+        return MixedLinearState(core=core, w_u=optax.tree.zeros_like(lin), ledger=self.empty_ledger())
 
     def retrain_key(self) -> dict:
         config = {k: v for k, v in self.config.to_dict().items() if k not in config_lib.SOLVER_ONLY_FIELDS}

@@ -307,7 +307,7 @@ class Safe(base.Method):
                           versions=np.zeros((self.graph.num_nodes, self.budget.slices), np.int32),
                           active=self._active(shard_of, retain), shard_of=shard_of, slice_of=slice_of,
                           adjacency=self.graph.adjacency(), capacity=np.asarray(capacity, np.int32),
-                          ledger=base.Ledger.empty(self.num_train),
+                          ledger=self.empty_ledger(),
                           key=jax.random.key_data(jax.random.fold_in(key, 1)))
         return state
 
@@ -348,26 +348,26 @@ class Safe(base.Method):
         """Retrains the affected nodes (``key`` is unused: a node's randomness is its id and version)."""
         del key
         positions = self.validate_request(state, ids)
-        start = time.perf_counter()
+        began = time.perf_counter()
         new_ledger = state.ledger.record(positions)
         retain = new_ledger.retain_mask()
         shard_of = np.asarray(state.shard_of)
         starts = slices.request_starts(self.graph, shard_of, np.asarray(state.slice_of), positions)
         affected = np.asarray(sorted(starts), np.int64)
         versions = np.asarray(state.versions, np.int32).copy()
-        for i, start in starts.items():
-            versions[i, start:] += 1
+        for i, stage in starts.items():
+            versions[i, stage:] += 1
         active = self._active(shard_of, retain)
         # A node whose own shard emptied trains on nothing, from scratch, as the build would.
-        runs = {i: (start if active[i] else 0) for i, start in starts.items()}
+        runs = {i: (stage if active[i] else 0) for i, stage in starts.items()}
         adapters, checkpoints, counts, steps = self._train(state, state.adapters, state.checkpoints, runs, versions,
                                                            retain)
         new_state = state.replace(adapters=adapters, checkpoints=checkpoints, versions=jax.device_put(versions),
                                   active=jax.device_put(active), ledger=new_ledger)
         jax.block_until_ready(new_state.adapters)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - began
         total = max(int((retain & (shard_of >= 0)).sum()), 1)
-        retrained = {i: start for i, start in starts.items() if active[i]}  # an emptied node is dropped, not retrained
+        retrained = {i: stage for i, stage in starts.items() if active[i]}  # an emptied node is dropped, not retrained
         cost = functools.partial(slices.deletion_cost, self.graph, shard_of, np.asarray(state.slice_of), retain,
                                  retrained, self.budget)
         return new_state, base.ForgetInfo(
@@ -433,7 +433,7 @@ class Safe(base.Method):
                          versions=jnp.zeros((n, r), jnp.int32), active=jnp.zeros(n, bool),
                          shard_of=jnp.zeros(self.num_train, jnp.int32), slice_of=jnp.zeros(self.num_train, jnp.int32),
                          adjacency=jnp.zeros((n, n), bool), capacity=jnp.zeros(r, jnp.int32),
-                         ledger=base.Ledger.empty(self.num_train), key=jax.random.key_data(jax.random.key(0)))
+                         ledger=self.empty_ledger(), key=jax.random.key_data(jax.random.key(0)))
 
     # ------------------------------------------------------------------ checks and hooks
 
