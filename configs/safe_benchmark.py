@@ -11,9 +11,8 @@ equals bitwise). Study ``shards``: n ∈ {1, 2, 4, …, 64} shards for isolated 
 out-degree 1 and the safe-shard graph, over 3 seeds: test accuracy, the gap to no sharding, expected deletion cost under
 both conventions, time per deletion against retraining every adapter and against retraining the unsharded model, vmap vs
 a loop over nodes, predict latency and adapter memory vs shards, and one backbone pass (what the feature cache saves) vs
-training the unsharded adapter from cached features. Runtime on 2 CPU cores: about a quarter of an hour (quick: about a
-minute). Results: <workdir>/benchmark.json, <workdir>/shards/safe_shard_sweep.png,
-<workdir>/shards/inference_vs_shards.png.
+training the unsharded adapter from cached features. Runtime on 2 CPU cores: about six minutes (quick: about a minute).
+Results: <workdir>/benchmark.json, <workdir>/shards/safe_shard_sweep.png, <workdir>/shards/inference_vs_shards.png.
 """
 
 from __future__ import annotations

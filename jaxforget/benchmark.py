@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from jaxforget import compat, distributional, experiment, methods, report, timing
+from jaxforget import soak as soak_lib
 
 
 def _wall(fn) -> tuple[object, float]:
@@ -101,25 +102,36 @@ def workload(name: str, job: ml_collections.ConfigDict, job_dir: str, repeats: i
 
 @compat.host_blas_threads(1)  # see compat.host_blas_threads: XLA keeps the cores while timing
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs every workload and study of ``config`` and writes ``workdir/benchmark.json``."""
+    """Runs every workload, study and soak of ``config`` and writes ``workdir/benchmark.json``."""
     os.makedirs(workdir, exist_ok=True)
     results = {}
-    for name, job in config.workloads.items():
+    workloads = config.get("workloads") or {}
+    for name, job in workloads.items():
         print(f"== workload {name}", flush=True)
         results[name] = workload(name, job, os.path.join(workdir, name), int(config.repeats))
-    env = experiment.environment(methods.build(next(iter(config.workloads.values()))).mesh)
-    out = {"environment": env, "targets": config.targets.to_dict(), "workloads": results, "studies": {}}
-    for name, study in config.studies.items():
+    soaks = config.get("soak") or ml_collections.ConfigDict(dict(jobs={}))
+    first_job = next(iter([*workloads.values(), *soaks.jobs.values()]))
+    env = experiment.environment(methods.build(first_job).mesh)
+    out = {"environment": env, "targets": (config.get("targets") or ml_collections.ConfigDict()).to_dict(),
+           "workloads": results, "studies": {}}
+    for name, job in soaks.jobs.items():
+        print(f"== soak {name}", flush=True)
+        out.setdefault("soak", {})[name] = soak_lib.soak(job, requests=int(soaks.requests),
+                                                         ids_per_request=int(soaks.ids_per_request))
+    if out.get("soak"):
+        out["soak_plot"] = soak_lib.plot(out["soak"], os.path.join(workdir, "soak.png"))
+    for name, study in (config.get("studies") or {}).items():
         print(f"== study {name}", flush=True)
         out["studies"][name] = {"method": study.method, "study": study.study,
                                 **methods.get_method(study.method).study(study.study, study.config,
                                                                          workdir=os.path.join(workdir, name))}
-    ev = config.evaluation
-    timing_ = evaluation_timing(int(ev.n_models), int(ev.num_examples), int(ev.bruteforce_examples))
-    forget = [r["forget_seconds"] for w in results.values() for r in w["per_request"]]
-    timing_["median_forget_seconds"] = statistics.median(forget)
-    timing_["challenge_score_over_forget"] = timing_["challenge_score_seconds"] / timing_["median_forget_seconds"]
-    out["evaluation"] = timing_
+    if results:
+        ev = config.evaluation
+        timing_ = evaluation_timing(int(ev.n_models), int(ev.num_examples), int(ev.bruteforce_examples))
+        forget = [r["forget_seconds"] for w in results.values() for r in w["per_request"]]
+        timing_["median_forget_seconds"] = statistics.median(forget)
+        timing_["challenge_score_over_forget"] = timing_["challenge_score_seconds"] / timing_["median_forget_seconds"]
+        out["evaluation"] = timing_
     out["peak_host_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stats = [d.memory_stats() for d in jax.local_devices() if hasattr(d, "memory_stats")]
     peaks = [s.get("peak_bytes_in_use") for s in stats if s]
@@ -150,8 +162,12 @@ def markdown(out: dict) -> str:
     env = out["environment"]
     names = sorted({b for w in out["workloads"].values() for r in w["per_request"] for b in r["retrain"]},
                    key=lambda b: (b != "retrain", b))
-    lines = [f"device: {env['device_kind']} × {env['num_devices']}; jax {env['jax']}", "",
-             "| workload | method | solver | details | build s | iterations | passes | forget s | amortised s | "
+    lines = [f"device: {env['device_kind']} × {env['num_devices']}; jax {env['jax']}", ""]
+    if out.get("soak"):
+        lines += [soak_lib.markdown(out["soak"]), ""]
+    if not out["workloads"]:
+        return "\n".join(lines).rstrip()
+    lines += ["| workload | method | solver | details | build s | iterations | passes | forget s | amortised s | "
              "rel. error | influence left | " + " | ".join(f"forget / {b} time" for b in names)
              + " | recompiles |",
              "|" + "---|" * (11 + len(names) + 1)]

@@ -135,6 +135,15 @@ class Checkpointer:
                           self._manifest_path(step))
         self._prune(keep_from=step)
 
+    def prune(self, keep: int) -> None:
+        """Deletes every step (committed or not) but ``keep`` (a workdir settling after an interrupted job)."""
+        for s in self._manager.all_steps():
+            if s != keep:
+                if os.path.exists(self._manifest_path(s)):
+                    os.remove(self._manifest_path(s))
+                self._manager.delete(s)
+        self._manager.reload()
+
     def _prune(self, keep_from: int) -> None:
         """Deletes committed steps beyond ``max_to_keep`` and every uncommitted step but ``keep_from``'s."""
         committed = self.all_steps()

@@ -34,6 +34,10 @@ def forget_job(method: str, model: dict) -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(baselines=(), oracle_cache=""))
     runtime_fields(c)
     c.checkpoint_max_to_keep = 2
+    # The workflow's budget on the summed residuals (ForgetInfo.residual) of the requests since the last exact
+    # retrain: past it launch.forget warns (or retrains exactly with --retrain_when_over_budget). A method that
+    # reports no residual exhausts it at once.
+    c.residual_budget = 0.01
     return c
 
 
@@ -52,7 +56,7 @@ def validate_forget_job(config: ml_collections.ConfigDict) -> None:
       ConfigError: naming the first invalid or unknown field. KeyError: an unknown method (the valid ones listed).
     """
     _check_sections(config, ("data", "model", "method", "requests", "eval", "seed", "num_devices",
-                             "checkpoint_max_to_keep"), "forget job")
+                             "checkpoint_max_to_keep", "residual_budget"), "forget job")
     data_lib.validate_config(config.data)
     get_method(config.method.name).validate_config(config.method)
     base.validate_fields(config.requests, ml_collections.ConfigDict(dict(num_requests=1, fraction=0.0, seed=0,
@@ -67,6 +71,7 @@ def validate_forget_job(config: ml_collections.ConfigDict) -> None:
     base.validate_fields(config.eval, ml_collections.ConfigDict(dict(baselines=(), oracle_cache="")), "eval")
     _check_runtime(config)
     base.check_range(config.checkpoint_max_to_keep, "checkpoint_max_to_keep", low=1)
+    base.check_range(config.residual_budget, "residual_budget", low=0)
 
 
 def _check_runtime(config) -> None:

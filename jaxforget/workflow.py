@@ -39,6 +39,7 @@ import re
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -254,7 +255,8 @@ def parse_ids(spec) -> np.ndarray:
 
 @_locked
 def forget(workdir: str, ids, *, request_id: str | None = None,
-           config: ml_collections.ConfigDict | None = None, noise_seed: int | None = None) -> dict:
+           config: ml_collections.ConfigDict | None = None, noise_seed: int | None = None,
+           retrain_when_over_budget: bool = False) -> dict:
     """Applies one deletion request to the saved state of ``workdir``, atomically, and records it in the ledger.
 
     Args:
@@ -265,6 +267,8 @@ def forget(workdir: str, ids, *, request_id: str | None = None,
       config: optional: the config the caller expects the workdir to hold (a different one raises).
       noise_seed: optional: the request's noise key is ``fold_in(key(noise_seed), request number)`` (reproducible,
         and recorded in the ledger); by default the method draws a secret key that is not recorded anywhere.
+      retrain_when_over_budget: when the summed residuals since the last exact state pass the config's
+        ``residual_budget``, publish the method's exact retrain on the retained data instead (recorded as such).
 
     Returns:
       The ledger record, with ``status`` ``"applied"`` or ``"already_applied"``.
@@ -276,6 +280,7 @@ def forget(workdir: str, ids, *, request_id: str | None = None,
     ids = parse_ids(ids)
     method, state, meta, step = load(workdir, config)
     ledger = meta.get("ledger", [])
+    _settle(workdir, step, ledger)  # a job killed after its commit left this undone
     if request_id is not None:
         previous = next((r for r in ledger if r["request_id"] == request_id), None)
         if previous is not None:
@@ -291,6 +296,31 @@ def forget(workdir: str, ids, *, request_id: str | None = None,
     key = experiment.noise_key(noise_seed, int(state.ledger.num_requests) + 1)
     with compiles, jax.transfer_guard_host_to_device("disallow"):  # see experiment.run
         new_state, info = method.forget(state, ids, key=key)
+    saved = ml_collections.ConfigDict(read_model(workdir)["config"])
+    budget = float(saved.get("residual_budget", 0.01))
+    spent = (ledger[-1].get("residual_total", 0.0) if ledger else 0.0) + (
+        float("inf") if info.residual is None else float(info.residual))
+    residual = {"request": info.residual, "total": spent, "budget": budget, "over_budget": spent > budget,
+                "retrained": False}
+    if residual["over_budget"]:
+        what = ("reports no residual, so its forgetting is unmeasured" if info.residual is None
+                else f"has left a summed residual of {spent:.3g} since the last exact state")
+        if retrain_when_over_budget:
+            # The exact retrain, published as the method publishes (its noise, if any: with the request's key or a
+            # secret one).
+            publish_key = key if key is not None else jax.random.key(int.from_bytes(os.urandom(8), "little") >> 2)
+            exact, seconds = timing.timed(lambda: method.publish(method.retrain(new_state), publish_key))
+            # In the saved state's own dtypes (a float64 gold standard is published like the model it replaces).
+            new_state = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), exact, new_state)
+            residual.update(retrained=True, total=0.0, retrain_seconds=seconds)
+            print(f"method {method.name} {what}, over the budget {budget:g}: published its exact retrain on the "
+                  f"retained data instead ({seconds:.2f} s).", flush=True)
+        else:
+            logging.warning("method %s %s, over the residual budget %g: the published model may still carry the "
+                            "forgotten samples' influence; rerun with --retrain_when_over_budget to retrain.",
+                            method.name, what, budget)
+            print(f"warning: method {method.name} {what}, over the residual budget {budget:g} (see "
+                  "--retrain_when_over_budget).", flush=True)
     after = params_sha256(method.params(new_state))
     sets = oracle.eval_sets(method.splits, method.forgotten_ids(new_state))
     this = method.splits.train.subset(ids)
@@ -302,6 +332,7 @@ def forget(workdir: str, ids, *, request_id: str | None = None,
         "params_sha256_before": before, "params_sha256_after": after, "accuracy": readouts, "info": info.to_json(),
         "compilations": compiles.count, "compile_seconds": compiles.seconds,
         "noise": "secret" if key is None else {"seed": int(noise_seed)},
+        "residual": residual, "residual_total": residual["total"],
     }
     meta = {**meta, "ledger": [*ledger, record]}
     ckpt = _ckpt(workdir)
@@ -309,11 +340,7 @@ def forget(workdir: str, ids, *, request_id: str | None = None,
         ckpt.save(step + 1, new_state, meta)  # committed by its manifest; the previous step is then deleted
     finally:
         ckpt.close()
-    # Made for the previous retained set: a retrain that saw these samples, and readouts of a superseded model.
-    checkpoint.remove_tree(os.path.join(workdir, ORACLE_CACHE))
-    if os.path.exists(os.path.join(workdir, EVALUATION_FILE)):
-        os.remove(os.path.join(workdir, EVALUATION_FILE))
-    report.write_json({"requests": meta["ledger"]}, os.path.join(workdir, LEDGER_FILE))
+    _settle(workdir, step + 1, meta["ledger"])
     print(f"forgot {len(record['ids'])} ids ({record['request_id']}) with {method.name} in {info.seconds:.3f} s; "
           f"accuracy on them {readouts['request']:.3f}, retained {readouts['retain']:.3f}, "
           f"test {readouts['test']:.3f}.", flush=True)
@@ -363,6 +390,30 @@ def verify(workdir: str, *, loaded=None) -> dict:
           + (f": {leaked[:10].tolist()}" if leaked.size else ""))
     check("disk", *_disk_problems(workdir, step, forgotten))
     return {"ok": all(c["ok"] for c in checks), "step": step, "checks": checks}
+
+
+def _settle(workdir: str, step: int, ledger: list) -> None:
+    """What follows a commit, idempotent: no checkpoint step but ``step``; the retrain cache and evaluation report
+    dropped when they predate the ledger (made for an earlier retained set: a retrain that saw since-forgotten
+    samples, readouts of a superseded model); ``ledger.json`` mirroring the committed ledger."""
+    path = os.path.join(workdir, LEDGER_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            mirrored = len(json.load(f)["requests"])
+    except (OSError, ValueError, KeyError, TypeError):
+        mirrored = -1
+    root = os.path.join(workdir, "checkpoints")
+    if any(d.isdigit() and int(d) != step for d in os.listdir(root)):
+        ckpt = _ckpt(workdir)
+        try:
+            ckpt.prune(keep=step)
+        finally:
+            ckpt.close()
+    if mirrored != len(ledger):
+        checkpoint.remove_tree(os.path.join(workdir, ORACLE_CACHE))
+        if os.path.exists(os.path.join(workdir, EVALUATION_FILE)):
+            os.remove(os.path.join(workdir, EVALUATION_FILE))
+        report.write_json({"requests": ledger}, path)
 
 
 def _disk_problems(workdir: str, step: int, forgotten: np.ndarray) -> tuple[bool, str]:

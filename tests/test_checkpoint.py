@@ -2,10 +2,12 @@
 flip restores silently, a step copied from another is refused, an interrupted save is never restored, a workdir
 keeps no step older than its last commit, and a second job on a workdir is refused."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -151,3 +153,56 @@ def test_a_resumed_job_with_another_config_names_the_fields(tmp_path):
     job.requests.num_requests = 2
     with pytest.raises(errors.ConfigError, match=r"method\.learning_rate: .*requests\.num_requests: 1 → 2"):
         experiment.run(job, workdir)
+
+
+KILL = """
+import os, signal, sys
+import jax
+import numpy as np
+# The suite's numerics (tests/conftest.py): the killed process must compute what the test process does.
+jax.config.update("jax_disable_most_optimizations", True)
+jax.config.update("jax_default_matmul_precision", "highest")
+from jaxforget import checkpoint, report, workflow
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+point = sys.argv[2]
+if point == "before_save":
+    checkpoint.Checkpointer.save = die
+elif point == "before_commit":  # the step's files written, its manifest not
+    checkpoint.write_json_atomic = die
+elif point == "after_commit":  # committed, the previous step not yet deleted
+    checkpoint.Checkpointer._prune = die
+elif point == "before_ledger_file":  # committed and pruned, ledger.json and the caches not yet settled
+    report.write_json = die
+workflow.forget(sys.argv[1], np.load(sys.argv[3]), request_id="r1")
+"""
+
+
+@pytest.mark.parametrize("point", ["before_save", "before_commit", "after_commit", "before_ledger_file"])
+def test_a_forget_killed_anywhere_then_rerun_ends_hash_equal_to_an_uninterrupted_one(tmp_path, point):
+    base = str(tmp_path / "base")
+    ids = np.asarray(workflow.train(tiny_forget_job("finetune"), base)["forgettable_ids"])
+    workflow.evaluate_workdir(base)  # a retrain cache that the first request must drop
+    np.save(tmp_path / "r1.npy", ids[:3])
+    reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+    shutil.copytree(base, reference)
+    shutil.copytree(base, killed)
+    for workdir in (reference,):
+        workflow.forget(workdir, ids[:3], request_id="r1")
+        workflow.forget(workdir, ids[3:5], request_id="r2")
+    run = subprocess.run([sys.executable, "-c", KILL, killed, point, str(tmp_path / "r1.npy")], check=False,
+                         capture_output=True, text=True)
+    assert run.returncode == -9, run.stderr[-2000:]
+    first = workflow.forget(killed, ids[:3], request_id="r1")  # applied now, or found already applied
+    assert first["status"] == ("already_applied" if point in ("after_commit", "before_ledger_file") else "applied")
+    workflow.forget(killed, ids[3:5], request_id="r2")
+    loaded = {}
+    for name, workdir in (("reference", reference), ("killed", killed)):
+        method, state, meta, _ = workflow.load(workdir)
+        loaded[name] = (workflow.params_sha256(method.params(state)), [r["request_id"] for r in meta["ledger"]])
+        assert workflow.verify(workdir)["ok"]
+        assert len(json.loads((Path(workdir) / workflow.LEDGER_FILE).read_text())["requests"]) == 2
+        assert not os.path.exists(os.path.join(workdir, workflow.ORACLE_CACHE))
+    assert loaded["killed"] == loaded["reference"]

@@ -168,3 +168,32 @@ def test_a_seeded_noise_key_makes_requests_bit_identical_and_an_unseeded_one_sta
     assert seeded[0]["noise"] == {"seed": 7}
     assert secret[0]["params_sha256_after"] != secret[1]["params_sha256_after"]
     assert secret[0]["noise"] == "secret" and "7" not in json.dumps(secret[0]["noise"])
+
+
+def test_the_residual_budget_warns_and_retrains_exactly_when_asked(tmp_path, capsys):
+    exact = tiny_forget_job("mixed_linear")
+    exact.method.linearize = "head"
+    exact.method.sigma = 0.0  # noiseless: the published retrain below is comparable bit for bit
+    workdir = str(tmp_path / "exact")
+    ids = workflow.train(exact, workdir)["forgettable_ids"]
+    record = workflow.forget(workdir, ids[:3])
+    assert not record["residual"]["over_budget"] and record["residual_total"] <= exact.residual_budget
+    sgd = exact.copy_and_resolve_references()
+    sgd.method.solver = "sgd"  # the paper's approximate solver: it leaves a measured residual
+    workdir = str(tmp_path / "sgd")
+    workflow.train(sgd, workdir)
+    record = workflow.forget(workdir, ids[:3])
+    assert record["residual"]["over_budget"] and record["residual"]["request"] > sgd.residual_budget
+    assert "over the residual budget" in capsys.readouterr().out
+    record = workflow.forget(workdir, ids[3:5], retrain_when_over_budget=True)
+    assert record["residual"]["retrained"] and record["residual_total"] == 0.0
+    method, state, _, _ = workflow.load(workdir)
+    exact = jax.tree.map(lambda new, old: np.asarray(new, old.dtype), method.params(method.retrain(state)),
+                         method.params(state))
+    assert workflow.params_sha256(method.params(state)) == workflow.params_sha256(exact)  # the exact retrain
+    assert workflow.verify(workdir)["ok"]
+    # A method with no residual measure exhausts the budget at once; the gold standard as a method spends none.
+    for name, over in (("finetune", True), ("retrain", False)):
+        workdir = str(tmp_path / name)
+        ids = workflow.train(tiny_forget_job(name), workdir)["forgettable_ids"]
+        assert workflow.forget(workdir, ids[:2])["residual"]["over_budget"] is over

@@ -102,7 +102,9 @@ class ForgetInfo:
         curvature products, epochs of fine-tuning); 0 for a request that reads no data.
       solver: what served the request (e.g. ``"direct-primal"``, ``"cg"``, ``"finetune"``).
       iterations: solver iterations or optimiser steps.
-      residual: the method's own convergence measure (e.g. a relative gradient residual), or ``None``.
+      residual: the method's own measure of what the request left undone (e.g. mixed-linear's relative gradient
+        residual; 0 for a forget that is exactly the gold standard), or ``None`` for a method with no such measure
+        (its forgetting is unmeasured; the workflow's residual budget counts it as exhausted).
       sigma: std of the noise added to the published parameters (0: none).
       notes: method-specific JSON-able details.
       noiseless: the state before noise, for evaluation only (publishing it would undo the noise); ``None`` when

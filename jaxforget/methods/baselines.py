@@ -157,7 +157,8 @@ class ClassifierMethod(base.Method, abc.ABC):
         examples = work.pop("examples", 0)
         return new_state, base.ForgetInfo(
             request=request, num_forgotten=len(positions), num_retained=len(retain), seconds=seconds,
-            passes=examples / max(len(retain), 1), solver=self.name, iterations=work.pop("steps", 0), notes=work)
+            passes=examples / max(len(retain), 1), solver=self.name, iterations=work.pop("steps", 0),
+            residual=work.pop("residual", None), notes=work)
 
     @abc.abstractmethod
     def unlearn(self, state: ClassifierState, *, forget_rows: np.ndarray, retain_rows: np.ndarray,
@@ -220,7 +221,8 @@ class Retrain(ClassifierMethod):
         t = self.config.train
         variables = self._recipe(jax.random.wrap_key_data(state.key), retain_rows, desc="retrain")
         steps = t.epochs * (len(retain_rows) // min(t.batch_size, len(retain_rows)))
-        return variables, {"steps": steps, "examples": steps * min(t.batch_size, len(retain_rows))}
+        # Residual 0: this is the gold standard itself (the recipe from scratch on the retained data).
+        return variables, {"steps": steps, "examples": steps * min(t.batch_size, len(retain_rows)), "residual": 0.0}
 
 
 class Finetune(ClassifierMethod):

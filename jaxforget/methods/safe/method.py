@@ -26,6 +26,7 @@ ensemble (and trains on nothing); the build applies the same rule, so exactness 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -373,6 +374,7 @@ class Safe(base.Method):
         return new_state, base.ForgetInfo(
             request=int(new_ledger.num_requests), num_forgotten=len(positions), num_retained=int(retain.sum()),
             seconds=seconds, passes=float(counts.sum()) / total, solver="safe-retrain-affected",
+            residual=0.0,  # exact: bitwise the rebuild from scratch
             iterations=int(steps.sum()),  # a dropped node trains for 0 steps
             notes={"affected_nodes": affected.tolist(), "dropped_nodes": affected[~active[affected]].tolist(),
                    "nodes": self.graph.num_nodes, "sample_gradients": int(counts.sum()),
@@ -396,6 +398,20 @@ class Safe(base.Method):
             extra["coverage"] = jax.device_put(cover)
         probs = ensemble.combine(logits, self.config.ensemble, active=state.active, **extra)
         return jnp.log(jnp.maximum(probs, jnp.finfo(probs.dtype).tiny))
+
+    def warm_up(self, state: SafeState, ids, baselines=()) -> None:
+        """One forget of ``ids``, then every other start stage's program (a chunk compiles the stages from its
+        earliest start on), so that no timed request compiles, whichever slice it deletes from."""
+        super().warm_up(state, ids, baselines)
+        capacity = tuple(int(c) for c in np.asarray(state.capacity))
+        feats = self._features.get(state.backbone)
+        for stage in range(1, self.budget.slices):
+            inert = nodes.pack_chunk([], [], nodes=[], versions=[], capacity=capacity, width=self.width,
+                                     budget=self.budget)
+            inert = dataclasses.replace(inert, start=np.full(self.width, stage, np.int32))
+            index = jax.device_put(np.zeros(self.width, np.int32))
+            jax.block_until_ready(nodes.train_chunk(self.adapter, self.budget, capacity, state.key, inert, feats,
+                                                    self.labels, _get_rows(state.checkpoints, index)).params)
 
     def fit(self, state: SafeState, ids, *, epochs: int, learning_rate: float, batch_size: int, momentum: float,
             seed: int) -> SafeState:
