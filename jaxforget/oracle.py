@@ -539,13 +539,17 @@ def method_key(method, state, *, sets: Mapping, seeds: Sequence[int], n_models: 
     It hashes the training set and the evaluation sets' contents, the forgotten ids, what determines the method's
     retrain (its config part :meth:`~jaxforget.methods.base.Method.retrain_key`, so that methods sharing it share
     oracles, and its state part :meth:`~jaxforget.methods.base.Method.retrain_inputs`, e.g. mixed-linear's core),
-    the seeds, the model count, the jaxforget version and ``tag`` (the population's recipe).
+    the layout of the method's state (an entry holds a retrained state), the seeds, the model count, the jaxforget
+    version and ``tag`` (the population's recipe).
     """
     import jaxforget  # pylint: disable=import-outside-toplevel
 
     h = hashlib.sha256()
     for leaf in jax.tree.leaves(method.retrain_inputs(state)):
         _hash_array(h, "input", np.asarray(leaf))
+    # The state's layout: an entry holds a retrained state, readable only into the structure it was saved from.
+    layout = jax.eval_shape(lambda: serialization.to_state_dict(method.abstract_state()))
+    h.update(repr(jax.tree.map(lambda a: (a.shape, str(a.dtype)), layout)).encode())
     fingerprint = ":".join([method.splits.train.fingerprint(), h.hexdigest()]
                            + [f"{k}={sets[k].fingerprint()}" for k in sorted(sets)])
     return cache_key(dataset_fingerprint=fingerprint, forget_ids=method.forgotten_ids(state),

@@ -300,14 +300,17 @@ class PrimalRunningInverse:
       removed: ``int64`` sample positions folded in so far (in the order they were removed).
       inverse: ``[P, P]`` :math:`A_R^{-1}`.
       rhs: ``[P]`` :math:`b_R`.
-      blocks: the removed samples' Jacobian rows, one ``[block·K, P]`` array per block (padding rows zero), kept
-        only when the caller checks requests from them (else empty).
+      blocks: the removed samples' Jacobian rows not yet folded into ``gram``, one ``[block·K, P]`` array per block
+        (padding rows zero), kept only when the caller checks requests from them (else empty).
+      gram: ``[P, P]`` the system with the folded blocks' rows taken off, ``A − Σ J_bᵀJ_b``; ``None`` while
+        nothing is folded (the caller's full-data ``A``).
     """
 
     removed: np.ndarray
     inverse: Array
     rhs: Array
     blocks: tuple[Array, ...] = ()
+    gram: Array | None = None
 
 
 def extend_primal_inverse(
@@ -317,6 +320,8 @@ def extend_primal_inverse(
     block_size: int,
     remove_block: Callable[[Array, Array, np.ndarray, np.ndarray], tuple[Array, Array, Array]],
     keep_rows: bool,
+    fold: Callable[[Array | None, Array], Array] | None = None,
+    max_rows: int = 0,
 ) -> PrimalRunningInverse:
     """Folds the samples ``new`` (host positions) into the running inverse, ``block_size`` samples at a time.
 
@@ -330,6 +335,11 @@ def extend_primal_inverse(
       remove_block: ``(inv, rhs, positions [block_size], valid [block_size]) ↦ (inv_R, rhs_R, rows)``, e.g.
         :func:`primal_remove_rows` on the block's Jacobian rows.
       keep_rows: keep each block's ``rows`` in the state (for a check that needs the removed rows).
+      fold: ``(gram or None, rows) ↦ gram − rowsᵀrows`` (``None``: the caller's full-data ``A``). With it, once the
+        held blocks reach ``max_rows`` rows they are folded into ``gram`` and dropped, so the held rows, and a
+        check's cost over them, stay bounded however long the stream (one ``P × P`` more, at ``P²`` flops per
+        folded row: the order of the update itself).
+      max_rows: the held rows that trigger a fold (e.g. ``P``).
 
     Returns:
       The new state.
@@ -345,7 +355,7 @@ def extend_primal_inverse(
       >>> s.removed.tolist(), bool(jnp.allclose(s.inverse, jnp.linalg.inv(a - j[2:].T @ j[2:]), atol=1e-5))
       ([2], True)
     """
-    inv, rhs, blocks = state.inverse, state.rhs, state.blocks
+    inv, rhs, blocks, gram = state.inverse, state.rhs, state.blocks, state.gram
     new = np.asarray(new, np.int64)
     for lo in range(0, new.size, block_size):
         part = new[lo : lo + block_size]
@@ -354,7 +364,12 @@ def extend_primal_inverse(
         inv, rhs, rows = remove_block(inv, rhs, positions, valid)
         if keep_rows:
             blocks = (*blocks, rows)
-    return PrimalRunningInverse(removed=np.concatenate([state.removed, new]), inverse=inv, rhs=rhs, blocks=blocks)
+        if fold is not None and sum(b.shape[0] for b in blocks) >= max_rows:
+            for block in blocks:
+                gram = fold(gram, block)
+            blocks = ()
+    return PrimalRunningInverse(removed=np.concatenate([state.removed, new]), inverse=inv, rhs=rhs, blocks=blocks,
+                                gram=gram)
 
 
 __all__ = [

@@ -122,7 +122,8 @@ class DirectStream:
         """Device arrays held (memory accounting)."""
         if self.dual is not None:
             return [self.dual.rows]
-        return [self.primal.inverse, self.primal.rhs, *self.primal.blocks]
+        gram = [] if self.primal.gram is None else [self.primal.gram]
+        return [self.primal.inverse, self.primal.rhs, *self.primal.blocks, *gram]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +192,9 @@ class DirectKernels:
         def remove_rows_gradients(gs, rows, ws, count):
             return gs - jnp.matmul(rows.T, jnp.matmul(rows, ws, precision=hi), precision=hi) / count
 
+        def fold_rows(gram, rows):
+            return gram - jnp.matmul(rows.T, rows, precision=hi)
+
         def gram_correct(inv, gs, w, count):
             """Primal residual ``b_r − A_r w = −n·g_r(w)`` (sum units), corrected with the running inverse."""
             return w + jnp.matmul(inv, -count * gs[:, 0], precision=hi)
@@ -212,6 +216,9 @@ class DirectKernels:
         self.primal_remove = jax.jit(highest(primal_remove), donate_argnums=2)
         self.gram_gradients = jax.jit(highest(gram_gradients))
         self.remove_rows_gradients = jax.jit(highest(remove_rows_gradients))
+        # The first fold reads the factor's A (kept); later ones update the stream's own copy in place.
+        self.fold_rows = jax.jit(highest(fold_rows))
+        self.fold_rows_in_place = jax.jit(highest(fold_rows), donate_argnums=0)
         self.gram_correct = jax.jit(highest(gram_correct))
         self.data_correct = jax.jit(highest(data_correct))
         self.copy = jax.jit(lambda a: a + 0)
@@ -306,6 +313,10 @@ def build_factor(pb: LinearizedProblem, kern: DirectKernels, core: PyTree, choic
             inverse = jax.block_until_ready(pb.replicate(woodbury.cholesky_inverse(chol)))
         chol, inverse_seconds = None, time.perf_counter() - start
     check = "dual" if space == "dual" else primal_check(pb, kern, core, config, gram, solution, targets)
+    if check == "gram":  # compiled with the build: a long stream's first fold happens inside a timed request
+        with compat.enable_x64():
+            rows = pb.replicate(np.zeros((pb.num_classes * PRIMAL_BLOCK, gram.shape[0]), np.float64))
+            jax.block_until_ready(kern.fold_rows_in_place(kern.fold_rows(gram, rows), rows))
     return DirectFactor(space, chol, solution, targets, ridge, build_seconds, inverse, inverse_seconds,
                         gram if check == "gram" else None, check)
 
@@ -482,8 +493,16 @@ def _extend_primal(pb, kern, factor, running, positions, lin, fix) -> woodbury.P
         x_f, t_f, valid = pb.replicate((x_f, pb.targets_of(block), valid))
         return kern.primal_remove(lin, fix, inv, rhs, x_f, t_f, valid)
 
+    def fold(gram, rows):
+        with compat.enable_x64():
+            return kern.fold_rows(factor.gram, rows) if gram is None else kern.fold_rows_in_place(gram, rows)
+
+    # Held rows are folded into the stream's own A_R once they reach P: a request's check then costs O(P²)
+    # however long the stream, and the held rows stay bounded.
+    keep = factor.check == "gram"
     return woodbury.extend_primal_inverse(running, positions, block_size=PRIMAL_BLOCK, remove_block=remove_block,
-                                         keep_rows=factor.check == "gram")
+                                         keep_rows=keep, fold=fold if keep else None,
+                                         max_rows=int(factor.gram.shape[0]) if keep else 0)
 
 
 def direct_solve(pb: LinearizedProblem, kern: DirectKernels, factor: DirectFactor, stream: DirectStream,
@@ -539,7 +558,8 @@ def direct_solve(pb: LinearizedProblem, kern: DirectKernels, factor: DirectFacto
 
             def check(w):
                 ws = jnp.stack([w, w_old64], axis=1)
-                gs = kern.gram_gradients(factor.gram, running.rhs, ws, count)
+                gram = factor.gram if running.gram is None else running.gram
+                gs = kern.gram_gradients(gram, running.rhs, ws, count)
                 for block in running.blocks:
                     gs = kern.remove_rows_gradients(gs, block, ws, count)
                 g_norm, g_old_norm = (float(v) for v in jax.device_get(jnp.linalg.norm(gs, axis=0)))
