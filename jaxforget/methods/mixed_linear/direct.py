@@ -39,6 +39,10 @@ PyTree = Any
 
 #: Samples per block of the primal path's Woodbury update (one compiled shape for every request size).
 PRIMAL_BLOCK = 16
+# The gram check folds its held removed rows into the stream's own A_R once they reach this many per parameter:
+# folding h rows costs ~2hP² flops, holding them ~4hP per later check and 8hP bytes, so folding pays off only over
+# many later requests (a soak, not one large request) and the held rows stay within a few P×P matrices.
+FOLD_ROWS_PER_PARAM = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,12 +501,12 @@ def _extend_primal(pb, kern, factor, running, positions, lin, fix) -> woodbury.P
         with compat.enable_x64():
             return kern.fold_rows(factor.gram, rows) if gram is None else kern.fold_rows_in_place(gram, rows)
 
-    # Held rows are folded into the stream's own A_R once they reach P: a request's check then costs O(P²)
-    # however long the stream, and the held rows stay bounded.
+    # Held rows are folded into the stream's own A_R once they reach FOLD_ROWS_PER_PARAM · P: a request's check then
+    # costs O(P²) however long the stream, and the held rows stay bounded.
     keep = factor.check == "gram"
     return woodbury.extend_primal_inverse(running, positions, block_size=PRIMAL_BLOCK, remove_block=remove_block,
                                          keep_rows=keep, fold=fold if keep else None,
-                                         max_rows=int(factor.gram.shape[0]) if keep else 0)
+                                         max_rows=FOLD_ROWS_PER_PARAM * int(factor.gram.shape[0]) if keep else 0)
 
 
 def direct_solve(pb: LinearizedProblem, kern: DirectKernels, factor: DirectFactor, stream: DirectStream,
