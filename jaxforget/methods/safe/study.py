@@ -201,8 +201,8 @@ def sweep_markdown(out: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(rows: list[dict], plots_dir: str) -> list[str]:
-    """Accuracy vs shards and accuracy vs expected cost (both conventions), one line per graph."""
+def _figure(rows: list[dict], plots_dir: str, ncols: int, width: float):
+    """``(plt, fig, axes, no_sharding row, {graph: its rows by shards})`` for one row of ``ncols`` panels."""
     import matplotlib  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
@@ -210,10 +210,24 @@ def plot_sweep(rows: list[dict], plots_dir: str) -> list[str]:
 
     os.makedirs(plots_dir, exist_ok=True)
     base = next(r for r in rows if r["graph"] == "no_sharding")
-    graphs = sorted({r["graph"] for r in rows} - {"no_sharding"})
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for label in graphs:
-        rs = sorted((r for r in rows if r["graph"] == label), key=lambda r: r["shards"])
+    series = {label: sorted((r for r in rows if r["graph"] == label), key=lambda r: r["shards"])
+              for label in sorted({r["graph"] for r in rows} - {"no_sharding"})}
+    fig, axes = plt.subplots(1, ncols, figsize=(width, 4.2))
+    return plt, fig, axes, base, series
+
+
+def _save(plt, fig, plots_dir: str, name: str) -> list[str]:
+    fig.tight_layout()
+    path = os.path.join(plots_dir, name)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def plot_sweep(rows: list[dict], plots_dir: str) -> list[str]:
+    """Accuracy vs shards and accuracy vs expected cost (both conventions), one line per graph."""
+    plt, fig, axes, base, series = _figure(rows, plots_dir, 3, 15)
+    for label, rs in series.items():
         acc = [r["accuracy"]["mean"] for r in rs]
         err = [r["accuracy"]["std"] for r in rs]
         axes[0].errorbar([r["shards"] for r in rs], acc, yerr=err, marker="o", label=label, capsize=2)
@@ -230,26 +244,13 @@ def plot_sweep(rows: list[dict], plots_dir: str) -> list[str]:
     axes[2].set_xscale("log")
     axes[2].set_xlabel("expected deletion cost E[C_union]/N")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(plots_dir, "safe_shard_sweep.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return _save(plt, fig, plots_dir, "safe_shard_sweep.png")
 
 
 def plot_inference(rows: list[dict], cache: dict, plots_dir: str) -> list[str]:
     """Predict latency and the adapters' memory vs shards, one line per graph (``inference_vs_shards.png``)."""
-    import matplotlib  # pylint: disable=import-outside-toplevel
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-    os.makedirs(plots_dir, exist_ok=True)
-    base = next(r for r in rows if r["graph"] == "no_sharding")
-    graphs = sorted({r["graph"] for r in rows} - {"no_sharding"})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    for label in graphs:
-        rs = sorted((r for r in rows if r["graph"] == label), key=lambda r: r["shards"])
+    plt, fig, axes, base, series = _figure(rows, plots_dir, 2, 10)
+    for label, rs in series.items():
         n = [r["shards"] for r in rs]
         axes[0].errorbar(n, [r["predict_ms"]["mean"] for r in rs], yerr=[r["predict_ms"]["std"] for r in rs],
                          marker="o", label=label, capsize=2)
@@ -265,8 +266,4 @@ def plot_inference(rows: list[dict], cache: dict, plots_dir: str) -> list[str]:
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(plots_dir, "inference_vs_shards.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return _save(plt, fig, plots_dir, "inference_vs_shards.png")
