@@ -25,7 +25,7 @@ def launch(workdir, config_arg="quick", **kwargs):
 def test_quick_run_is_killed_then_resumes_and_reports(tmp_path):
     workdir = tmp_path / "run"
     proc = launch(workdir)
-    first_step = workdir / "checkpoints" / "1"
+    first_step = workdir / "checkpoints" / ".manifests" / "1.json"  # step 1 committed
     deadline = time.monotonic() + 300
     while not first_step.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
