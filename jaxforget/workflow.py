@@ -204,6 +204,11 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None):
         raise WorkdirError(f"{workdir}: the checkpoint was written by method {meta.get('method')!r} with config "
                            f"{str(meta.get('config_sha256'))[:12]}, but {MODEL_FILE} names {method.name!r} with "
                            f"{model['config_sha256'][:12]}.")
+    recorded = len(meta.get("ledger", []))
+    if int(state.ledger.num_requests) != recorded:
+        raise checkpoint.CorruptCheckpointError(
+            f"{workdir}: checkpoint step {step} holds a state that served {int(state.ledger.num_requests)} "
+            f"request(s), but its ledger records {recorded}: the step was not written by launch.forget.")
     return method, state, meta, step
 
 

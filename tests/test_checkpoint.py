@@ -206,3 +206,15 @@ def test_a_forget_killed_anywhere_then_rerun_ends_hash_equal_to_an_uninterrupted
         assert len(json.loads((Path(workdir) / workflow.LEDGER_FILE).read_text())["requests"]) == 2
         assert not os.path.exists(os.path.join(workdir, workflow.ORACLE_CACHE))
     assert loaded["killed"] == loaded["reference"]
+
+
+def test_a_step_whose_state_and_ledger_disagree_is_refused_on_load(tmp_path):
+    workdir = str(tmp_path / "model")
+    ids = workflow.train(tiny_forget_job("finetune"), workdir)["forgettable_ids"]
+    workflow.forget(workdir, ids[:2])
+    method, state, meta, step = workflow.load(workdir)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1)
+    ckpt.save(step + 1, state, {**meta, "ledger": []})  # a valid step, written by something else
+    ckpt.close()
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="served 1 request.*ledger records 0"):
+        workflow.forget(workdir, ids[2:4])
