@@ -65,15 +65,14 @@ def file_sha256(path: str) -> str:
 
 
 def tree_files(directory: str) -> dict[str, str]:
-    """``{relative path: sha256}`` of every file under ``directory`` (sorted; symlinks are refused)."""
+    """``{relative path ('/'-separated): sha256}`` of every file under ``directory``, sorted (checkpoint manifests
+    and the oracle cache's sidecars)."""
     out = {}
     for root, dirs, files in os.walk(directory):
         dirs.sort()
         for name in sorted(files):
             path = os.path.join(root, name)
-            if os.path.islink(path):
-                raise CorruptCheckpointError(f"{path} is a symbolic link; a checkpoint holds plain files only.")
-            out[os.path.relpath(path, directory)] = file_sha256(path)
+            out[os.path.relpath(path, directory).replace(os.sep, "/")] = file_sha256(path)
     return out
 
 
@@ -137,17 +136,15 @@ class Checkpointer:
 
     def prune(self, keep: int) -> None:
         """Deletes every step (committed or not) but ``keep`` (a workdir settling after an interrupted job)."""
-        for s in self._manager.all_steps():
-            if s != keep:
-                if os.path.exists(self._manifest_path(s)):
-                    os.remove(self._manifest_path(s))
-                self._manager.delete(s)
-        self._manager.reload()
+        self._delete_all_but({keep})
 
     def _prune(self, keep_from: int) -> None:
         """Deletes committed steps beyond ``max_to_keep`` and every uncommitted step but ``keep_from``'s."""
         committed = self.all_steps()
-        keep = set(committed if self.max_to_keep is None else committed[-self.max_to_keep:]) | {keep_from}
+        self._delete_all_but(set(committed if self.max_to_keep is None else committed[-self.max_to_keep:])
+                             | {keep_from})
+
+    def _delete_all_but(self, keep: set[int]) -> None:
         for s in self._manager.all_steps():
             if s not in keep:
                 if os.path.exists(self._manifest_path(s)):
@@ -181,6 +178,9 @@ class Checkpointer:
         if not os.path.isdir(self._step_dir(step)):
             raise CorruptCheckpointError(f"{where}: the step directory is missing.")
         files = tree_files(self._step_dir(step))
+        for name in files:
+            if os.path.islink(os.path.join(self._step_dir(step), name)):
+                raise CorruptCheckpointError(f"{where}: file {name} is a symbolic link; a step holds plain files only.")
         expected = manifest["files"]
         for name in sorted(set(expected) | set(files)):
             if name not in files:

@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
-from jaxforget import errors, report, timing
+from jaxforget import checkpoint, errors, report, timing
 
 PyTree = Any
 
@@ -274,18 +274,8 @@ def _file_manifest(root: str) -> dict[str, dict]:
     Checked *before* orbax reads anything: a damaged file is then named precisely, and orbax's concurrent
     reads never start on it (they would fail part-way, each with its own error).
     """
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            full = os.path.join(dirpath, name)
-            h = hashlib.sha256()
-            with open(full, "rb") as f:
-                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                    h.update(chunk)
-            out[os.path.relpath(full, root).replace(os.sep, "/")] = {"size": os.path.getsize(full),
-                                                                     "sha256": h.hexdigest()}
-    return out
+    return {name: {"size": os.path.getsize(os.path.join(root, name)), "sha256": digest}
+            for name, digest in checkpoint.tree_files(root).items()}
 
 
 def _leaf_specs(tree: PyTree) -> list[dict]:

@@ -215,9 +215,8 @@ class Safe(base.Method):
         versions = np.zeros((self.graph.num_nodes, self.budget.slices), np.int32)
         removed_by = np.asarray(removed_by)
         for request in np.unique(removed_by[removed_by > 0]):
-            for i, start in slices.request_starts(self.graph, shard_of, slice_of,
-                                                  np.flatnonzero(removed_by == request)).items():
-                versions[i, start:] += 1
+            _bump(versions, slices.request_starts(self.graph, shard_of, slice_of,
+                                                  np.flatnonzero(removed_by == request)))
         return versions
 
     def with_ledger(self, state: SafeState, new_ledger: base.Ledger) -> SafeState:
@@ -355,9 +354,7 @@ class Safe(base.Method):
         shard_of = np.asarray(state.shard_of)
         starts = slices.request_starts(self.graph, shard_of, np.asarray(state.slice_of), positions)
         affected = np.asarray(sorted(starts), np.int64)
-        versions = np.asarray(state.versions, np.int32).copy()
-        for i, stage in starts.items():
-            versions[i, stage:] += 1
+        versions = _bump(np.asarray(state.versions, np.int32).copy(), starts)
         active = self._active(shard_of, retain)
         # A node whose own shard emptied trains on nothing, from scratch, as the build would.
         runs = {i: (stage if active[i] else 0) for i, stage in starts.items()}
@@ -524,6 +521,13 @@ def _set_rows(stacked: PyTree, index: jax.Array, rows: PyTree) -> PyTree:
     """``stacked`` with its node rows ``index`` replaced by ``rows``; out-of-range indices are dropped (jitted: no
     implicit host scalars)."""
     return jax.tree.map(lambda a, r: a.at[index].set(r, mode="drop"), stacked, rows)
+
+
+def _bump(versions: np.ndarray, starts: dict[int, int]) -> np.ndarray:
+    """``versions`` (in place) after one request that retrains each node of ``starts`` from its stage on."""
+    for i, stage in starts.items():
+        versions[i, stage:] += 1
+    return versions
 
 
 @jax.jit
