@@ -130,3 +130,55 @@ def test_a_state_is_bound_to_the_data_it_was_made_on(name):
     with pytest.raises(errors.StateMismatchError):
         other.retrain(state)
     made_on.forget(state, made_on.forgettable_ids()[:2])  # its own method takes it
+
+
+def _config_leaves(section, prefix="method."):
+    for key, value in section.items():
+        if hasattr(value, "items"):
+            yield from _config_leaves(value, f"{prefix}{key}.")
+        elif key != "name":  # the registry names an unknown method (tested above)
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_every_method_refuses_bad_configs_at_construction_and_bad_requests_by_name(name):
+    """The bad-input table, for every registered method: a non-finite or out-of-range number, a misspelt choice and
+    an unknown field are refused when the method is built (before any training), naming the field; every bad
+    request raises its named error and leaves the state it was given unchanged, bit for bit."""
+    for field, value in _config_leaves(tiny_forget_job(name).method):
+        bads = ([float("nan"), float("inf"), -1.0] if isinstance(value, float) and not isinstance(value, bool)
+                else [-1] if isinstance(value, int) and not isinstance(value, bool)
+                else ["misspelt"] if isinstance(value, str) else [])
+        for bad in bads:
+            job = tiny_forget_job(name)
+            *path, last = field.split(".")[1:]
+            node = job.method
+            for key in path:
+                node = node[key]
+            with node.ignore_type():
+                node[last] = bad
+            with pytest.raises(errors.ConfigError, match=last):
+                methods.build(job)
+    job = tiny_forget_job(name)
+    job.method.misspelt_field = 1
+    with pytest.raises(errors.ConfigError, match="misspelt_field"):
+        methods.build(job)
+
+    method = methods.build(tiny_forget_job(name))
+    state = method.init(jax.random.key(0))
+    ids = method.forgettable_ids()
+    state, _ = method.forget(state, ids[:2], key=jax.random.key(1))
+    before = [np.array(leaf) for leaf in jax.tree.leaves(state)]
+    table = [([], errors.EmptyRequestError, "empty"),
+             ([10**9], errors.UnknownIdsError, "Unknown sample ids"),
+             ([ids[3], ids[3]], errors.DuplicateIdsError, "Duplicate ids"),
+             ([ids[0]], errors.AlreadyForgottenError, "Ids already forgotten"),
+             (np.asarray(ids[3:5], np.float32), errors.ShapeDtypeError, "must be integers"),
+             (np.asarray(ids[3:7]).reshape(2, 2), errors.ShapeDtypeError, "1-D")]
+    if method.protected_ids().size:
+        table.append(([method.protected_ids()[0]], errors.CoreIdsError, "core"))
+    for bad, error, message in table:
+        with pytest.raises(error, match=message):
+            method.forget(state, bad, key=jax.random.key(2))
+        for a, b in zip(before, jax.tree.leaves(state), strict=True):
+            np.testing.assert_array_equal(a, np.asarray(b))

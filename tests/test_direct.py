@@ -482,10 +482,9 @@ def test_a_fresh_object_replays_the_ledger_and_forgets_bit_for_bit_like_the_live
     for ids in requests[:3]:
         state, _ = live.forget(state, ids, sigma=0.0)
     after_live, info_live = live.forget(state, requests[3], sigma=0.0)
-    cfg = live.config.copy_and_resolve_references()
-    if space == "primal":  # "auto" decides how to check a request by timing: pin the live object's choice
-        cfg.direct_check = live.direct_factor(state).check
-    fresh, state_restored = mixed_linear.MixedLinear(live.model, splits, cfg, mesh=mesh.make_mesh(2)), restored(state)
+    # "auto" decided how to check a request by timing, once: the state recorded it and the fresh object reuses it.
+    fresh = mixed_linear.MixedLinear(live.model, splits, live.config, mesh=mesh.make_mesh(2))
+    state_restored = restored(state)
     with jax.transfer_guard_host_to_device("disallow"):
         after_fresh, info_fresh = fresh.forget(state_restored, requests[3], sigma=0.0)
     live.clear_removal_cache()
@@ -495,6 +494,35 @@ def test_a_fresh_object_replays_the_ledger_and_forgets_bit_for_bit_like_the_live
                      jax.tree.map(np.asarray, after_live.w_u))
         assert info.residual == info_live.residual and info.solver == f"direct-{space}"
     np.testing.assert_array_equal(np.asarray(after_fresh.ledger.removed_by), np.asarray(after_live.ledger.removed_by))
+
+
+def test_the_timed_check_choice_is_recorded_in_the_state_and_reused(problem, monkeypatch):
+    """direct_check="auto" times the two request checks once; the state records the winner, and an object that
+    restores the state takes the same path without timing again, bit for bit like one configured with it."""
+    splits, methods, states, _ = problem
+    auto = mixed_linear.MixedLinear(methods["primal"].model, splits,
+                                    small_config(solver="direct", direct_space="primal"), mesh=mesh.make_mesh(2))
+    state = auto.init(jax.random.key(0), core=states["primal"].core)
+    chosen = auto.direct_factor(state).check
+    assert mixed_linear.DIRECT_CHECKS[int(state.direct_check)] == chosen
+    ids = splits.user_ids[5:9]
+    for pinned in ("gram", "data"):  # whichever the timing would pick now, the recorded one is taken
+        recorded = state.replace(direct_check=jnp.int32(mixed_linear.DIRECT_CHECKS.index(pinned)))
+        fresh = mixed_linear.MixedLinear(auto.model, splits, auto.config, mesh=mesh.make_mesh(2))
+        with monkeypatch.context() as m:
+            m.setattr(direct, "primal_check", lambda *a, **k: pytest.fail("timed again despite the recorded choice"))
+            after, info = fresh.forget(recorded, ids, sigma=0.0)
+        assert fresh.direct_factor(after).check == pinned
+        assert mixed_linear.DIRECT_CHECKS[int(after.direct_check)] == pinned
+        explicit = mixed_linear.MixedLinear(auto.model, splits,
+                                            small_config(solver="direct", direct_space="primal", direct_check=pinned),
+                                            mesh=mesh.make_mesh(2))
+        expected, info_explicit = explicit.forget(recorded, ids, sigma=0.0)
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, after.w_u),
+                     jax.tree.map(np.asarray, expected.w_u))
+        assert info.passes == info_explicit.passes == (0.0 if pinned == "gram" else 2.0)
+    with pytest.raises(errors.StateMismatchError, match="direct_check code 7"):
+        auto.forget(state.replace(direct_check=jnp.int32(7)), ids)
 
 
 @pytest.mark.parametrize("path", ["cg", "refined", "sgd"])

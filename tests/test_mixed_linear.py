@@ -164,7 +164,7 @@ def test_masked_retain_set_equals_physically_reduced_data(setup):
     if cfg.regularization == "fixed":  # (1/n)Σ_{D_r} + μ/2‖w‖² has the minimiser of (1/n_r)Σ_{D_r} + (μn/n_r)/2‖w‖²
         cfg.mu = ml.config.mu * ml.num_train / len(keep)
     ml_reduced = mixed_linear.MixedLinear(model, reduced, cfg, mesh=mesh.make_mesh(1))
-    fresh = mixed_linear.MixedLinearState(core=state.core, w_u=state.w_u, ledger=ml_reduced.empty_ledger())
+    fresh = ml_reduced.init_state(state.core).replace(w_u=state.w_u)
     w64, _ = ml_reduced.solve(fresh, dtype=jnp.float64, tol=1e-12, maxiter=5000)
     assert rel(new_state.w_u, w64) <= 1e-5
 
@@ -218,8 +218,8 @@ def test_noise_has_std_sigma_and_fresh_draws():
     s2, info2 = ml.forget(state, splits.user_ids[:3], sigma=sigma)  # same request, no key: a fresh draw
     noise2 = ravel_pytree(optax.tree.sub(s2.w_u, info2.noiseless.w_u))[0]
     assert float(jnp.abs(noise1 - noise2).max()) > 0
-    # The state holds no noise key and nothing but weights, core and ledger.
-    assert set(s1.__dataclass_fields__) == {"core", "w_u", "ledger"}
+    # The state holds no noise key: weights, core, ledger and the recorded request check only.
+    assert set(s1.__dataclass_fields__) == {"core", "w_u", "ledger", "direct_check"}
 
 
 def test_sgd_solver_approaches_the_cg_solution_as_tau_grows(setup):

@@ -17,10 +17,11 @@ The shared numerics are :mod:`jaxforget.solvers` (Newton-CG, refinement, Nyströ
 """
 
 from jaxforget.methods.mixed_linear.method import (
+    DIRECT_CHECKS,
     MixedLinear,
     MixedLinearState,
     certificate_kl,
     default_method_config,
 )
 
-__all__ = ["MixedLinear", "MixedLinearState", "certificate_kl", "default_method_config"]
+__all__ = ["DIRECT_CHECKS", "MixedLinear", "MixedLinearState", "certificate_kl", "default_method_config"]

@@ -7,7 +7,8 @@ one core is held at a time (the matrices can be large).
 
 * **Time-only** (a miss recomputes exactly what a hit returns): the solver choice, the direct factorisation, the
   Nyström preconditioner, and ``β = λ_max`` of the full-data system. The factorisation's build-time decisions
-  follow the config and the planned stream (``reserve_capacity``); ``direct_check="auto"`` decides by timing.
+  follow the config and the planned stream (``reserve_capacity``); ``direct_check="auto"`` decides by timing, once: the
+  state records the decision (``MixedLinearState.direct_check``) and a factor for that state is built with it.
 * **The direct path's stream** (:class:`~jaxforget.methods.mixed_linear.direct.DirectStream`): the dual path's
   removal rows or the primal path's running inverse. Its contents change results at rounding level, so it is
   keyed by the core *and* the ledger it served, and a miss rebuilds it by replaying the ledger request by request
@@ -62,16 +63,22 @@ class SolverCache:
             self._choice = {"key": key, "choice": direct.choose_solver(self.config, num_params, num_rows)}
         return self._choice["choice"]
 
-    def factor(self, core: PyTree) -> direct.DirectFactor:
-        """:func:`.direct.build_factor` for this core, built once."""
+    def factor(self, core: PyTree, check: str | None = None) -> direct.DirectFactor:
+        """:func:`.direct.build_factor` for this core, built once; ``check`` pins the primal path's request check
+        (a state's recorded choice) instead of ``config.direct_check``."""
         key = self.problem.fingerprint(core)
-        if self._factor.get("key") != key:
+        held = self._factor.get("factor") if self._factor.get("key") == key else None
+        if held is None or (check is not None and held.space == "primal" and held.check != check):
             self._factor = {}
             planned = self.capacity * self.problem.num_classes
             factor = direct.build_factor(self.problem, self.kernels, core, self.choice(core), self.config,
-                                         planned_rows=planned)
+                                         planned_rows=planned, check=check)
             self._factor = {"key": key, "factor": factor, "stream": None}
         return self._factor["factor"]
+
+    def held_factor(self, core: PyTree) -> direct.DirectFactor | None:
+        """The factor held for this core, if one was built (never builds)."""
+        return self._factor.get("factor") if self._factor.get("key") == self.problem.fingerprint(core) else None
 
     def stream(self, core: PyTree, removed_by) -> direct.DirectStream:
         """The stream state after serving the ledger ``removed_by`` on this core: the held one if it served

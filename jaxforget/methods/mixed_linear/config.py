@@ -110,6 +110,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     base.check_range(config.sigma, "method.sigma", low=0)
     base.check_range(config.target_scale, "method.target_scale", low=0, low_open=True)
     base.check_range(config.tol, "method.tol", low=0, low_open=True)
+    base.check_range(config.retrain_tol, "method.retrain_tol", low=0, low_open=True)
+    base.check_range(config.retrain_maxiter, "method.retrain_maxiter", low=1)
     base.check_range(config.cg_inner_tol, "method.cg_inner_tol", low=0, low_open=True)
     for field in ("batch_size", "maxiter", "direct_block", "nystrom_rank", "sgd_batch_size"):
         base.check_range(config[field], f"method.{field}", low=1)

@@ -280,8 +280,11 @@ def wants_inverse(config: ml_collections.ConfigDict, size: int, planned_rows: in
 
 
 def build_factor(pb: LinearizedProblem, kern: DirectKernels, core: PyTree, choice: SolverChoice,
-                 config: ml_collections.ConfigDict, *, planned_rows: int) -> DirectFactor:
+                 config: ml_collections.ConfigDict, *, planned_rows: int, check: str | None = None) -> DirectFactor:
     """Builds the float64 factorisation of the full-data system in ``choice``'s space.
+
+    ``check`` (``"gram"``/``"data"``) pins how the primal path checks requests; by default
+    ``config.direct_check`` (``"auto"``: by timing, :func:`primal_check`).
 
     Primal: ``A = Σ_i J_iᵀJ_i + λI`` from per-example Jacobians, summed data-parallel, then inverted (``A⁻¹``).
     Dual: ``G = JJᵀ + λI`` built a block of columns at a time (``J J_Aᵀ`` by vmapped JVPs over the data, never
@@ -300,7 +303,7 @@ def build_factor(pb: LinearizedProblem, kern: DirectKernels, core: PyTree, choic
         x, t = pb.data(jnp.float64)
         c = pb.row_weights(np.ones(pb.num_train, bool), jnp.float64)
         if space == "primal":
-            keep_gram = config.get("direct_check", "auto") != "data"
+            keep_gram = (check or config.get("direct_check", "auto")) != "data"
             chol, solution, targets, gram = primal_factor(pb, kern, lin, fix, x, t, c, ridge, keep_gram=keep_gram)
         else:
             (chol, solution, targets), gram = dual_factor(pb, kern, lin, fix, x, t, ridge), None
@@ -316,7 +319,10 @@ def build_factor(pb: LinearizedProblem, kern: DirectKernels, core: PyTree, choic
         with compat.enable_x64(), compat.host_blas_threads(None):
             inverse = jax.block_until_ready(pb.replicate(woodbury.cholesky_inverse(chol)))
         chol, inverse_seconds = None, time.perf_counter() - start
-    check = "dual" if space == "dual" else primal_check(pb, kern, core, config, gram, solution, targets)
+    if space == "dual":
+        check = "dual"
+    elif check is None:
+        check = primal_check(pb, kern, core, config, gram, solution, targets)
     if check == "gram":  # compiled with the build: a long stream's first fold happens inside a timed request
         with compat.enable_x64():
             rows = pb.replicate(np.zeros((pb.num_classes * PRIMAL_BLOCK, gram.shape[0]), np.float64))

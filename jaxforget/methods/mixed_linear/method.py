@@ -24,10 +24,10 @@ change and nothing recompiles between requests.
 Conventions: ``σ`` is a standard deviation; ``g`` and ``H`` use means over ``D_r`` with the same ``μ``
 (the gold-standard retrain is the minimiser of ``L_{D_r}`` with the same core).
 
-Everything a later request needs is in :class:`MixedLinearState` (core, ``w_u``, ledger). The object only keeps
-caches keyed by content (:mod:`.cache`): time-only ones, and the direct path's stream state, which a miss rebuilds
-by replaying the ledger, so a fresh object (e.g. after a restore) forgets the next request bit for bit like the
-live one.
+Everything a later request needs is in :class:`MixedLinearState` (core, ``w_u``, ledger, and the request check
+that ``direct_check="auto"`` chose by timing). The object only keeps caches keyed by content (:mod:`.cache`):
+time-only ones, and the direct path's stream state, which a miss rebuilds by replaying the ledger, so a fresh
+object (e.g. after a restore) forgets the next request bit for bit like the live one.
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ from jaxforget.methods.mixed_linear import sgd as sgd_lib
 from jaxforget.methods.mixed_linear.problem import LinearizedProblem
 
 PyTree = Any
+
+#: Codes of :attr:`MixedLinearState.direct_check`.
+DIRECT_CHECKS = ("undecided", "gram", "data")
 default_method_config = config_lib.default_method_config
 
 
@@ -68,11 +71,15 @@ class MixedLinearState:
       core: core variables ``{"params": ..., ["batch_stats": ...]}`` (``w_c``; never changes).
       w_u: user weights, shaped like the linearized subtree of ``core["params"]``.
       ledger: the deletion ledger (:class:`~jaxforget.methods.base.Ledger`).
+      direct_check: ``int32[]``, how the primal direct path checks a request once ``direct_check="auto"`` has
+        decided it by timing (an index into :data:`DIRECT_CHECKS`; 0: not decided yet). Recorded so that every later
+        request, in this process or a resumed one, takes the same computation path.
     """
 
     core: PyTree
     w_u: PyTree
     ledger: Ledger
+    direct_check: jax.Array
 
 
 class MixedLinear(base.Method):
@@ -113,6 +120,9 @@ class MixedLinear(base.Method):
                  mesh: jax.sharding.Mesh | None = None):
         super().__init__(model, splits, config, mesh=mesh)
         self.core_ids = np.asarray(splits.core_ids)
+        # A linearize spec that names no layer of this model is refused now (shapes only: nothing runs).
+        models.linearize_predicate(jax.eval_shape(lambda: models.init_variables(
+            model, jax.random.key(0), splits.train.x.shape[1:]))["params"], config.linearize)
         self.problem = LinearizedProblem(model, splits.train, config, self.mesh)
         self._cache = cache_lib.SolverCache(self.problem, config)
         self._sgd = sgd_lib.SGDRecipe(self.problem)
@@ -128,8 +138,25 @@ class MixedLinear(base.Method):
         return self._cache.choice(core)
 
     def direct_factor(self, state: MixedLinearState) -> direct.DirectFactor:
-        """The float64 factorisation of the full-data system (:func:`.direct.build_factor`), once per core."""
-        return self._cache.factor(state.core)
+        """The float64 factorisation of the full-data system (:func:`.direct.build_factor`), once per core, checking
+        requests as the state recorded (:attr:`MixedLinearState.direct_check`) or as the config says."""
+        return self._cache.factor(state.core, check=self.recorded_check(state))
+
+    def recorded_check(self, state: MixedLinearState) -> str | None:
+        """The request check ``state`` recorded (``None``: not decided yet, or the config names one)."""
+        code = int(np.asarray(state.direct_check))
+        if not 0 <= code < len(DIRECT_CHECKS):
+            raise errors.StateMismatchError(f"The state's direct_check code {code} is not one of "
+                                            f"{dict(enumerate(DIRECT_CHECKS))}: the state was not made by this method.")
+        return None if code == 0 or self.config.direct_check != "auto" else DIRECT_CHECKS[code]
+
+    def _record_check(self, state: MixedLinearState) -> MixedLinearState:
+        """``state`` recording how the primal direct path checked its last request (unchanged off that path)."""
+        factor = self._cache.held_factor(state.core)
+        if factor is None or factor.check not in DIRECT_CHECKS:
+            return state
+        # explicit: requests run under a host-to-device transfer guard
+        return state.replace(direct_check=jax.device_put(np.int32(DIRECT_CHECKS.index(factor.check))))
 
     def reserve_capacity(self, num_removed: int) -> None:
         """Plans a stream removing ``num_removed`` samples: the dual removal buffer is sized for it (one compilation
@@ -150,7 +177,8 @@ class MixedLinear(base.Method):
                       ) -> tuple[PyTree, float, float, float]:
         """``(w (float64), ‖g_r(w)‖/‖g_r(w_old)‖, ‖g_r(w_old)‖, passes)`` on the retained rows of ``removed_by``
         from the cached factor and stream (:func:`.direct.direct_solve`)."""
-        factor, stream = self._cache.factor(state.core), self._cache.stream(state.core, removed_by)
+        factor = self.direct_factor(state)
+        stream = self._cache.stream(state.core, removed_by)
         out = direct.direct_solve(self.problem, self._cache.kernels, factor, stream, state.core, w_old,
                                   tol=self.config.tol, min_refine=min_refine,
                                   max_refine=max(int(self.config.direct_refine), min_refine))
@@ -188,7 +216,8 @@ class MixedLinear(base.Method):
         """A state on ``core`` with zero user weights and nothing forgotten (no training)."""
         errors.check_finite(core, "core weights")
         lin, _ = self.split(core)
-        return MixedLinearState(core=core, w_u=self.problem.zeros_like(lin), ledger=self.empty_ledger())
+        return MixedLinearState(core=core, w_u=self.problem.zeros_like(lin), ledger=self.empty_ledger(),
+                                direct_check=jnp.zeros((), jnp.int32))
 
     def init(self, key: jax.Array, core: PyTree | None = None) -> MixedLinearState:
         """Trains the core (unless given) and the user weights on the whole training set."""
@@ -206,7 +235,7 @@ class MixedLinear(base.Method):
             w, _ = self.solve(state, dtype=jnp.float64, tol=uc.tol, maxiter=uc.maxiter, on_fail="warn")
         else:
             w = self.sgd_train(state, epochs=uc.epochs, seed=int(jax.random.randint(key_user, (), 0, 2**30)))
-        return state.replace(w_u=optax.tree.cast(w, jnp.float32))
+        return self._record_check(state.replace(w_u=optax.tree.cast(w, jnp.float32)))
 
     solve = paths.newton_solve  # the Newton-CG solve from any start, float32 or float64
     reference_solve = paths.reference_solve  # the retrain oracle's solve
@@ -303,7 +332,7 @@ class MixedLinear(base.Method):
             notes={"grad_norm": float(step.grad_norm), "step_norm": float(step.step_norm)},
             noiseless=state.replace(w_u=step.w, ledger=new_ledger) if sigma > 0 else None,
         )
-        return state.replace(w_u=w_new, ledger=new_ledger), info
+        return self._record_check(state.replace(w_u=w_new, ledger=new_ledger)), info
 
     def forget_all(self, state: MixedLinearState) -> MixedLinearState:
         """Forgets every user sample exactly: ``w_u = 0``, so the model is the core model.
@@ -360,7 +389,8 @@ class MixedLinear(base.Method):
         core = models.init_variables(self.model, jax.random.key(0), self.splits.train.x.shape[1:])
         predicate = models.linearize_predicate(core["params"], self.config.linearize)
         lin, _ = kernels.split_params(core["params"], predicate)
-        return MixedLinearState(core=core, w_u=optax.tree.zeros_like(lin), ledger=self.empty_ledger())
+        return MixedLinearState(core=core, w_u=optax.tree.zeros_like(lin), ledger=self.empty_ledger(),
+                                direct_check=jnp.zeros((), jnp.int32))
 
     def retrain_key(self) -> dict:
         config = {k: v for k, v in self.config.to_dict().items() if k not in config_lib.SOLVER_ONLY_FIELDS}

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any
 
@@ -130,11 +131,13 @@ class Safe(base.Method):
     @classmethod
     def validate_config(cls, config: ml_collections.ConfigDict) -> None:
         super().validate_config(config)
-        build_graph(config)  # named errors for an impossible graph, at construction
         for field in ("shards", "clique", "degree"):
             base.check_range(config.graph[field], f"method.graph.{field}", low=1 if field != "degree" else 0)
+        build_graph(config)  # named errors for an impossible graph, at construction
         backbone_lib.parse_layer(config.layer)
         base.check_choice(config.adapter.name, tuple(adapter_lib.ADAPTERS), "method.adapter.name")
+        for field in ("num_heads", "num_queries"):
+            base.check_range(config.adapter[field], f"method.adapter.{field}", low=1)
         base.check_choice(config.ensemble, ensemble.RULES, "method.ensemble")
         b = config.budget
         base.check_range(b.epochs, "method.budget.epochs", low=1)
@@ -148,6 +151,9 @@ class Safe(base.Method):
         t = config.backbone
         if not isinstance(t.checkpoint, str):
             raise errors.ConfigError(f"method.backbone.checkpoint is a directory path or '', got {t.checkpoint!r}.")
+        if t.checkpoint and not os.path.isdir(t.checkpoint):
+            raise errors.ConfigError(f"method.backbone.checkpoint: no directory {t.checkpoint!r} (write one with "
+                                     "jaxforget.methods.safe.backbone.save_backbone, or '' to train one on core data).")
         base.check_range(t.seed, "method.backbone.seed", low=0)
         base.check_range(t.epochs, "method.backbone.epochs", low=1)
         base.check_range(t.batch_size, "method.backbone.batch_size", low=1)
@@ -176,6 +182,10 @@ class Safe(base.Method):
         self.width = min(int(config.width) or widest, self.graph.num_nodes)
         self.labels = jax.device_put(np.asarray(splits.train.y, np.int32))
         self._features = backbone_lib.FeatureCache(model, np.asarray(splits.train.x), config.layer)
+        # A layer the model lacks is named now, not after the backbone has trained (shapes only: nothing runs).
+        jax.eval_shape(lambda x: backbone_lib.layer_features(
+            model, models.init_variables(model, jax.random.key(0), x.shape[1:]), x, config.layer),
+            jax.ShapeDtypeStruct((1, *splits.train.x.shape[1:]), jnp.float32))
         self._backbone = None  # the frozen backbone, a function of the config and the data: made once
 
     def frozen_backbone(self) -> PyTree:
