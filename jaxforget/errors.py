@@ -60,12 +60,16 @@ class DirectSolveError(JaxForgetError, ArithmeticError):
     solution's residual missed the tolerance."""
 
 
+class CurvatureError(JaxForgetError, ArithmeticError):
+    """A stored curvature cannot serve a request (e.g. a downdate that left it not positive definite)."""
+
+
 class ConfigError(JaxForgetError, ValueError):
     """An invalid or inconsistent configuration value."""
 
 
 class StateMismatchError(JaxForgetError, ValueError):
-    """A state used with a method built on other data (another dataset, split or core) than the state was made on."""
+    """A state used with a method built on other data or another model config than the state was made on."""
 
 
 def _preview(values: Iterable, limit: int = 10) -> str:

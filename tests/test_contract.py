@@ -125,11 +125,31 @@ def test_a_state_is_bound_to_the_data_it_was_made_on(name):
     other = methods.build(job)
     assert other.num_train == made_on.num_train
     ids = other.forgettable_ids()[:2]
-    with pytest.raises(errors.StateMismatchError, match="another dataset, split or core"):
+    with pytest.raises(errors.StateMismatchError, match="another dataset, split, core"):
         other.forget(state, ids)
     with pytest.raises(errors.StateMismatchError):
         other.retrain(state)
     made_on.forget(state, made_on.forgettable_ids()[:2])  # its own method takes it
+    # Bound to the config that makes the model too: another model-defining field is refused, a per-request one
+    # (noise, solver, unlearning schedule) is not.
+    job.data.seed = 0
+    defining, per_request = {"mixed_linear": ("mu", "sigma"), "finetune": ("train.epochs", "epochs"),
+                             "sisa": ("budget.epochs", None)}[name]
+    for field, refused in ((defining, True), (per_request, False)):
+        if field is None:
+            continue
+        changed = job.copy_and_resolve_references()
+        *path, last = field.split(".")
+        node = changed.method
+        for key in path:
+            node = node[key]
+        node[last] = node[last] * 2 if node[last] else 0.5
+        other = methods.build(changed)
+        if refused:
+            with pytest.raises(errors.StateMismatchError, match="model config"):
+                other.forget(state, ids)
+        else:
+            other.forget(state, made_on.forgettable_ids()[:2])
 
 
 def _config_leaves(section, prefix="method."):

@@ -5,7 +5,7 @@ Adding a method touches its own module, its config file and one line of :data:`M
 
 Examples:
   >>> sorted(METHODS)
-  ['finetune', 'mixed_linear', 'neggrad', 'random_label', 'retrain', 'safe', 'sisa']
+  ['finetune', 'mixed_linear', 'neggrad', 'random_label', 'retrain', 'safe', 'sisa', 'ssse']
   >>> get_method("mixed_linear").name
   'mixed_linear'
 """
@@ -23,6 +23,7 @@ from jaxforget.methods.base import ForgetInfo, Ledger, Method
 from jaxforget.methods.baselines import ClassifierMethod, ClassifierState, Finetune, NegGrad, RandomLabel, Retrain
 from jaxforget.methods.mixed_linear import MixedLinear, MixedLinearState
 from jaxforget.methods.safe import Safe, SafeState, Sisa
+from jaxforget.methods.ssse import Ssse, SsseState
 
 #: name -> method class.
 METHODS: dict[str, type[Method]] = {
@@ -33,6 +34,7 @@ METHODS: dict[str, type[Method]] = {
     "random_label": RandomLabel,
     "safe": Safe,
     "sisa": Sisa,
+    "ssse": Ssse,
 }
 
 
@@ -63,5 +65,6 @@ def build(config: ml_collections.ConfigDict, *, splits: data_lib.Splits | None =
 
 
 __all__ = ["METHODS", "ClassifierMethod", "ClassifierState", "Finetune", "ForgetInfo", "Ledger", "Method",
-           "MixedLinear", "MixedLinearState", "NegGrad", "RandomLabel", "Retrain", "Safe", "SafeState", "Sisa", "base",
+           "MixedLinear", "MixedLinearState", "NegGrad", "RandomLabel", "Retrain", "Safe", "SafeState", "Sisa", "Ssse",
+           "SsseState", "base",
            "build", "get_method"]

@@ -28,6 +28,7 @@ import abc
 import dataclasses
 import functools
 import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -54,8 +55,9 @@ class Ledger:
       removed_by: ``int32[n_train]``; ``0`` for a retained sample, ``k`` if request ``k`` (1-based) removed it.
         Positions follow the method's training set (sorted ids).
       num_requests: ``int32[]`` requests served so far.
-      data: ``uint32[8]`` the SHA-256 of the data the state was made on (:func:`data_binding`): the training set's
-        ids and contents and the protected ids, so that a state is never read through another split.
+      data: ``uint32[8]`` the SHA-256 of the data and config the state was made on (:func:`data_binding`): the
+        training set's ids and contents, the protected ids and the method's model-defining config, so that a state is
+        never read through another split or by a method configured to make other models.
     """
 
     removed_by: jax.Array
@@ -81,11 +83,13 @@ class Ledger:
         return ledger.retain_mask(self.removed_by)
 
 
-def data_binding(splits: data_lib.Splits, protected_ids: np.ndarray) -> np.ndarray:
-    """``uint32[8]``: SHA-256 of the training set's content key (ids, inputs, labels) and the protected ids."""
-    h = hashlib.sha256(b"jaxforget.ledger.data/v1")
+def data_binding(splits: data_lib.Splits, protected_ids: np.ndarray, definition: dict | None = None) -> np.ndarray:
+    """``uint32[8]``: SHA-256 of the training set's content key (ids, inputs, labels), the protected ids and the
+    method's ``definition`` (its :meth:`Method.retrain_key`: the model and the config fields that make a state)."""
+    h = hashlib.sha256(b"jaxforget.ledger.data/v2")
     h.update(splits.train.fingerprint().encode())
     h.update(np.asarray(np.sort(protected_ids), "<i8").tobytes())
+    h.update(json.dumps(definition or {}, sort_keys=True, default=repr).encode())
     return np.frombuffer(h.digest(), "<u4").astype(np.uint32)
 
 
@@ -180,7 +184,7 @@ class Method(abc.ABC):
     @functools.cached_property
     def data_binding(self) -> np.ndarray:
         """``uint32[8]`` the data this method's states are bound to (:func:`data_binding`)."""
-        return data_binding(self.splits, self.protected_ids())
+        return data_binding(self.splits, self.protected_ids(), self.retrain_key())
 
     def empty_ledger(self) -> Ledger:
         """A ledger of this method's training set with nothing removed, bound to its data."""
@@ -201,9 +205,10 @@ class Method(abc.ABC):
         bound = np.asarray(state.ledger.data, np.uint32)
         if not np.array_equal(bound, self.data_binding):
             raise errors.StateMismatchError(
-                f"The state was made on data {_hex(bound)}, but method {self.name!r} was built on data "
-                f"{_hex(self.data_binding)} (training ids, inputs, labels and protected ids): the state comes from "
-                "another dataset, split or core; using it here would forget the wrong samples.")
+                f"The state was made on data and config {_hex(bound)}, but method {self.name!r} was built on "
+                f"{_hex(self.data_binding)} (training ids, inputs, labels, protected ids, and the model and the config "
+                "fields that make a state, Method.retrain_key): the state comes from another dataset, split, core or "
+                "model config; using it here would forget the wrong samples or the wrong model.")
 
     def validate_request(self, state: State, ids) -> np.ndarray:
         """Checks a request against the training set, the protected ids and the ledger; returns positions.

@@ -1,0 +1,360 @@
+r"""SSSE, single-step sample erasure (Peste, Alistarh & Lampert, 2021), on the method contract.
+
+A general network (every parameter) trained with the classifier recipe (:mod:`jaxforget.methods.baselines`) on the
+whole training set; its curvature (:mod:`.curvature`) is built once after training and kept in the state. A request
+``S`` is one closed-form second-order step from the samples to erase alone (spec ``ssse.md`` §3):
+
+.. math::  \hat\theta = \theta + \frac{\varepsilon}{n_r} \, C_r^{-1} \sum_{i \in S} \big(\nabla \ell_i(\theta)
+           + \lambda_{wd}\,\theta\big), \qquad C_r = \tfrac{1}{n_r} \Big(A - \sum_{i\in S} M_i(\theta)\Big)
+           + (\lambda + \lambda_{wd}) I,
+
+``n_r`` the samples retained after the request. With the exact curvature at a stationary ``θ`` and ``ε = 1`` this
+is the Newton step on the retained objective (the certified-removal step of Guo et al. on convex models). The
+erased samples' terms are subtracted from the held curvature (exact at the parameters it was built on, a guarded
+approximation after that), so the state never keeps their curvature. Requests are sequential: each recomputes the
+erased gradients at the current parameters and rebinds the curvature to the new parameters.
+
+SSSE adds no noise by default and carries no guarantee: it is never reported as certified.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import struct
+from jax.flatten_util import ravel_pytree
+
+from jaxforget import errors, fingerprint, kernels, models
+from jaxforget import mesh as mesh_lib
+from jaxforget.methods import base
+from jaxforget.methods.baselines import ClassifierMethod, recipe_config
+from jaxforget.methods.ssse import curvature as curv_lib
+
+PyTree = Any
+
+
+@struct.dataclass
+class SsseState:
+    """An SSSE model.
+
+    Attributes:
+      variables: ``{"params": ..., ["batch_stats": ...]}`` of the published model.
+      ledger: the deletion ledger.
+      key: ``uint32[2]`` raw data of the key the original was trained with (the retrain reuses it).
+      curvature: the :class:`.curvature.Curvature` bound to ``variables["params"]``.
+    """
+
+    variables: PyTree
+    ledger: base.Ledger
+    key: jax.Array
+    curvature: curv_lib.Curvature
+
+
+def default_config(name: str = "ssse") -> ml_collections.ConfigDict:
+    """The SSSE method config (recommended defaults, spec §7)."""
+    return ml_collections.ConfigDict(dict(
+        name=name,
+        train=recipe_config(),
+        # gauss_newton (default: PSD, and the exact Hessian for the cross-entropy of linear models), empirical_fisher
+        # (the paper's), hessian (dense or cg only).
+        curvature="gauss_newton",
+        structure="block",  # dense (asked, P ≤ max_dense_params) | block | woodbury | cg (reads D_r at erase time)
+        epsilon=1.0,  # step scale, 0 ≤ ε ≤ 10 (1: the Newton step)
+        # After the first request the erased samples' terms are taken at the current parameters: "clip" projects the
+        # downdated dense/block curvature onto the PSD cone and reports the share clipped; "raise": the guard only.
+        downdate="clip",
+        damping=1e-3,  # λ = damping · tr(C)/P, fixed when the curvature is built (mean units)
+        block_size=256,
+        rank=1024,  # woodbury: the samples whose rows are stored
+        max_dense_params=4096,
+        chunk=32,  # per-device samples per step of a curvature pass
+        cg_tol=1e-6,
+        cg_maxiter=500,
+    ))
+
+
+class Ssse(ClassifierMethod):
+    """SSSE (see the module docstring)."""
+
+    name = "ssse"
+    EPSILON_RANGE = (0.0, 10.0)
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        return default_config(cls.name)
+
+    @classmethod
+    def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+        super().validate_config(config)
+        base.check_choice(config.curvature, curv_lib.KINDS, "method.curvature")
+        base.check_choice(config.structure, curv_lib.STRUCTURES, "method.structure")
+        if config.curvature == "hessian" and config.structure not in ("dense", "cg"):
+            raise errors.ConfigError("method.curvature 'hessian' is held only by method.structure 'dense' or 'cg' "
+                                     f"(it is not a sum of outer products), got {config.structure!r}.")
+        low, high = cls.EPSILON_RANGE
+        base.check_range(config.epsilon, "method.epsilon", low=low, high=high)
+        base.check_choice(config.downdate, ("clip", "raise"), "method.downdate")
+        base.check_range(config.damping, "method.damping", low=0)
+        for field in ("block_size", "rank", "max_dense_params", "chunk", "cg_maxiter"):
+            base.check_range(config[field], f"method.{field}", low=1)
+        base.check_range(config.cg_tol, "method.cg_tol", low=0, low_open=True)
+
+    def __init__(self, model, splits, config, *, mesh=None):
+        super().__init__(model, splits, config, mesh=mesh)
+        like = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), splits.train.x.shape[1:]))
+        self.layout = curv_lib.layout(like["params"], config.structure, block_size=int(config.block_size))
+        if config.structure == "dense" and self.layout.num_params > config.max_dense_params:
+            raise errors.ConfigError(
+                f"method.structure 'dense' holds a {self.layout.num_params} x {self.layout.num_params} matrix, over "
+                f"method.max_dense_params = {config.max_dense_params}; use 'block', 'woodbury' or 'cg'.")
+        self.codes = np.array([curv_lib.KINDS.index(config.curvature), curv_lib.STRUCTURES.index(config.structure)],
+                              np.int32)
+        self._passes: dict = {}
+        self._clip = jax.jit(curv_lib.clip_to_psd)
+
+    # ------------------------------------------------------------------ data-parallel passes
+
+    def _pass(self, name: str, batch_fn):
+        """``jit(data_parallel_sum(batch_fn))``, built once per name."""
+        if name not in self._passes:
+            self._passes[name] = jax.jit(mesh_lib.data_parallel_sum(batch_fn, self.mesh, int(self.config.chunk)))
+        return self._passes[name]
+
+    def _rows_data(self, positions: np.ndarray):
+        """``(x, y, w)`` of the training rows ``positions``, sharded; padded (weight 0) to a power-of-two number of
+        chunks per device so that a stream of request sizes compiles a handful of programs."""
+        unit = self.mesh.size * int(self.config.chunk)
+        chunks = max(1, -(-len(positions) // unit))
+        size = unit * (1 << (chunks - 1).bit_length())
+        pad = size - len(positions)
+        train = self.splits.train
+        x = np.concatenate([np.asarray(train.x[positions]), np.zeros((pad, *train.x.shape[1:]), train.x.dtype)])
+        y = np.concatenate([np.asarray(train.y[positions], np.int32), np.zeros(pad, np.int32)])
+        w = np.concatenate([np.ones(len(positions), np.float32), np.zeros(pad, np.float32)])
+        return mesh_lib.shard_rows((x, y, w), self.mesh, int(self.config.chunk))
+
+    def _term_sum(self, params: PyTree, rest: PyTree, positions: np.ndarray) -> jax.Array:
+        kind, lay, model = self.config.curvature, self.layout, self.model
+        fn = self._pass("terms", lambda a, b: curv_lib.term_sum(kind, lay, model, a[0], a[1], *b))
+        return fn((params, rest), self._rows_data(positions))
+
+    def _trace_sum(self, params: PyTree, rest: PyTree, positions: np.ndarray) -> jax.Array:
+        kind, model = self.config.curvature, self.model
+        fn = self._pass("trace", lambda a, b: curv_lib.trace_sum(kind, model, a[0], a[1], *b))
+        return fn((params, rest), self._rows_data(positions))
+
+    def _grad_sum(self, params: PyTree, rest: PyTree, positions: np.ndarray) -> PyTree:
+        """``Σ_S ∇ℓ_i(θ)``: one backward pass over the erased samples (eval mode)."""
+        model = self.model
+
+        def batch_fn(a, b):
+            losses = lambda p: jax.vmap(curv_lib.example_loss(model, a[1]), (None, 0, 0))(p, b[0], b[1])
+            return jax.grad(lambda p: jnp.sum(b[2].astype(losses(p).dtype) * losses(p)))(a[0])
+
+        return self._pass("grad", batch_fn)((params, rest), self._rows_data(positions))
+
+    def _matvec_sum(self):
+        """``(params, rest, v, data) -> Σ_{D} w_i M_i v`` (ravelled) by a matrix-free data-parallel pass."""
+        kind, model = self.config.curvature, self.model
+
+        def batch_fn(a, b):
+            p, r, vec = a
+            x, y, w = b
+            tangent = ravel_pytree(p)[1](vec)
+            if kind == "gauss_newton":
+                f = lambda q: model.apply({"params": q, **r}, x, train=False)
+                out = kernels.gn_matvec_sum(f, p, tangent, w, kernels.softmax_out_hvp)
+            elif kind == "empirical_fisher":
+                out = kernels.fisher_matvec_sum(curv_lib.example_loss(model, r), p, tangent, w, x, y)
+            else:
+                per = lambda q: jax.vmap(curv_lib.example_loss(model, r), (None, 0, 0))(q, x, y)
+                total = lambda q: jnp.sum(w.astype(per(q).dtype) * per(q))
+                out = kernels.hvp(total, p, tangent)
+            return ravel_pytree(out)[0]
+
+        return mesh_lib.data_parallel_sum(batch_fn, self.mesh, int(self.config.chunk))
+
+    def _step_fn(self):
+        """The jitted step ``(params, curvature, Σ_S g_i, k, n_r, λ_wd, ε, data) -> (θ̂, ok, ‖Δθ‖, iterations)``
+        (``data``: the retained rows, read by ``cg`` only)."""
+        if "step" not in self._passes:
+            lay, cfg = self.layout, self.config
+            matvec_sum = self._matvec_sum() if lay.structure == "cg" else None
+
+            def step(params, rest, curvature, grads, k, n_r, wd, eps, data):
+                flat, unravel = ravel_pytree(params)
+                u = grads + k * wd * flat
+                if matvec_sum is None:
+                    x, ok = curv_lib.solve(curvature, lay, u, wd)
+                    iterations = jnp.int32(0)
+                else:
+                    lam = curv_lib.shift(curvature, wd)
+                    x, info = kernels.cg_solve(lambda v: matvec_sum((params, rest, v), data) / n_r + lam * v, u,
+                                               tol=float(cfg.cg_tol), maxiter=int(cfg.cg_maxiter))
+                    ok, iterations = info.converged & jnp.all(jnp.isfinite(x)), info.iterations
+                delta = eps / n_r * x
+                return unravel(flat + delta), ok, jnp.linalg.norm(delta), iterations
+
+            self._passes["step"] = jax.jit(step)
+        return self._passes["step"]
+
+    # ------------------------------------------------------------------ the curvature
+
+    def build_curvature(self, variables: PyTree, retained: np.ndarray, *, seed: int = 0) -> curv_lib.Curvature:
+        """The curvature of ``variables`` over the training rows ``retained`` (positions), with its damping
+        ``λ = damping · tr(C)/P``; ``woodbury`` stores the rows of ``rank`` of them drawn with ``seed``."""
+        params, rest = _split(variables)
+        lay, cfg = self.layout, self.config
+        stored = retained
+        if lay.structure == "woodbury":
+            take = min(int(cfg.rank), len(retained))
+            stored = np.sort(np.random.default_rng(seed).choice(retained, take, replace=False))
+        trace = float(self._trace_sum(params, rest, stored)) / max(len(stored), 1)
+        damping = np.float32(cfg.damping * trace / lay.num_params)
+        if lay.structure in ("dense", "block"):
+            matrix = self._term_sum(params, rest, stored)
+            owner = jnp.full(1, -1, jnp.int32)
+        elif lay.structure == "woodbury":
+            x = jax.device_put(np.asarray(self.splits.train.x[stored]))
+            y = jax.device_put(np.asarray(self.splits.train.y[stored], np.int32))
+            matrix = jax.jit(curv_lib.rows, static_argnums=(0, 1))(cfg.curvature, self.model, params, rest, x, y)
+            owner = jax.device_put(stored.astype(np.int32))
+        else:
+            matrix, owner = jnp.zeros(1, jnp.float32), jnp.full(1, -1, jnp.int32)
+        return curv_lib.Curvature(matrix=matrix, owner=owner, count=jnp.int32(len(stored)),
+                                  damping=jnp.float32(damping), layout=jnp.asarray(self.codes),
+                                  params=_params_key(params))
+
+    def check_curvature(self, state: SsseState) -> None:
+        """Raises :class:`~jaxforget.errors.StateMismatchError` for a curvature of another kind or structure, or
+        one that stands for other parameters than the state's."""
+        codes = np.asarray(state.curvature.layout)
+        if not np.array_equal(codes, self.codes):
+            def name(c):
+                return f"{curv_lib.KINDS[c[0]]}/{curv_lib.STRUCTURES[c[1]]}" if c.shape == (2,) else str(c)
+            raise errors.StateMismatchError(f"The state's curvature is {name(codes)}, but method 'ssse' is configured "
+                                            f"for {name(self.codes)}.")
+        if not np.array_equal(np.asarray(state.curvature.params), np.asarray(_params_key(state.variables["params"]))):
+            raise errors.StateMismatchError(
+                "The state's curvature was computed for other parameters than the state's model (a curvature from "
+                "another model, or parameters edited after it was built); rebuild it with build_curvature.")
+
+    # ------------------------------------------------------------------ contract
+
+    def init(self, key: jax.Array) -> SsseState:
+        state = super().init(key)
+        return SsseState(state.variables, state.ledger, state.key,
+                         self.build_curvature(state.variables, np.arange(self.num_train)))
+
+    def retrain(self, state: SsseState, key: jax.Array | None = None) -> SsseState:
+        """The recipe from scratch on the retained data, with a fresh curvature for its parameters (what a later
+        request on the retrained model needs)."""
+        out = super().retrain(state, key)
+        return SsseState(out.variables, out.ledger, out.key,
+                         self.build_curvature(out.variables, self.retained_positions(state)))
+
+    def init_population(self, keys: Sequence[jax.Array]) -> list[SsseState]:
+        return [SsseState(s.variables, s.ledger, s.key, self.build_curvature(s.variables, np.arange(self.num_train)))
+                for s in super().init_population(keys)]
+
+    def retrain_population(self, state: SsseState, keys: Sequence[jax.Array]) -> list[SsseState]:
+        rows = self.retained_positions(state)
+        return [SsseState(s.variables, s.ledger, s.key, self.build_curvature(s.variables, rows))
+                for s in super().retrain_population(state, keys)]
+
+    def retrain_key(self) -> dict:
+        return {"family": "ssse", "model": repr(self.model), "train": self.config.train.to_dict(),
+                "curvature": {k: self.config[k] for k in ("curvature", "structure", "damping", "block_size", "rank")}}
+
+    def abstract_state(self) -> SsseState:
+        base_state = super().abstract_state()
+        lay, p = self.layout, self.layout.num_params
+        if lay.structure == "dense":
+            shape = (p, p)
+        elif lay.structure == "block":
+            shape = (lay.blocks.shape[0], lay.blocks.shape[1], lay.blocks.shape[1])
+        elif lay.structure == "woodbury":
+            r = self.num_classes if self.config.curvature == "gauss_newton" else 1
+            shape = (min(int(self.config.rank), self.num_train), r, p)
+        else:
+            shape = (1,)
+        owner = shape[0] if lay.structure == "woodbury" else 1
+        curvature = curv_lib.Curvature(matrix=jnp.zeros(shape, jnp.float32), owner=jnp.zeros(owner, jnp.int32),
+                                       count=jnp.int32(0), damping=jnp.float32(0), layout=jnp.asarray(self.codes),
+                                       params=jnp.zeros(4, jnp.uint32))  # traceable: abstract_state may be traced
+        return SsseState(base_state.variables, base_state.ledger, base_state.key, curvature)
+
+    def unlearn(self, state, *, forget_rows, retain_rows, key):  # the classifier hook; SSSE overrides forget
+        raise NotImplementedError("SSSE serves requests through forget().")
+
+    def forget(self, state: SsseState, ids, *, key: jax.Array | None = None) -> tuple[SsseState, base.ForgetInfo]:
+        """Erases ``ids`` by one second-order step (module docstring); ``key`` is unused (no noise).
+
+        Raises:
+          the request errors of :meth:`validate_request`; ForgetRequestError: the request would erase every
+          remaining sample; StateMismatchError: a curvature of another configuration or for other parameters;
+          NonFiniteError: NaN/Inf gradients or weights; CurvatureError: the downdate guard.
+        """
+        del key
+        positions = self.validate_request(state, ids)
+        self.check_curvature(state)
+        new_ledger = state.ledger.record(positions)
+        retained = np.flatnonzero(new_ledger.retain_mask())
+        if retained.size == 0:
+            raise errors.ForgetRequestError(
+                f"The request would erase all {len(positions)} remaining samples: there is no retained objective to "
+                "step towards (retrain from scratch instead).")
+        cfg, lay = self.config, self.layout
+        start = time.perf_counter()
+        params, rest = _split(state.variables)
+        grads = ravel_pytree(self._grad_sum(params, rest, positions))[0]
+        errors.check_finite(grads, f"gradients of the {len(positions)} erased samples")
+        removed = self._term_sum(params, rest, positions) if lay.structure in ("dense", "block") else None
+        curvature = curv_lib.downdate(state.curvature, lay, removed, positions)
+        clipped = 0.0
+        if removed is not None and cfg.downdate == "clip" and cfg.curvature != "hessian":
+            matrix, share = self._clip(curvature.matrix)
+            curvature, clipped = curvature.replace(matrix=matrix), float(share)
+        data = self._rows_data(retained) if lay.structure == "cg" else None
+        dtype = ravel_pytree(params)[0].dtype
+        scalar = lambda v: jax.device_put(np.asarray(v, dtype))  # explicit: requests run under a transfer guard
+        new_params, ok, step_norm, iterations = self._step_fn()(
+            params, rest, curvature, grads, scalar(len(positions)), scalar(len(retained)),
+            scalar(cfg.train.weight_decay), scalar(cfg.epsilon), data)
+        request = int(new_ledger.num_requests)
+        if not bool(ok):
+            if lay.structure == "cg":
+                raise errors.CGNotConvergedError(
+                    f"SSSE request {request}: CG on C_r did not reach method.cg_tol = {cfg.cg_tol:g} in "
+                    f"{int(iterations)} iterations (method.cg_maxiter = {cfg.cg_maxiter}).")
+            raise errors.CurvatureError(f"SSSE request {request}: {curv_lib.GUARD_MESSAGE}")
+        errors.check_finite(new_params, f"weights after SSSE request {request}")
+        seconds = time.perf_counter() - start
+        variables = {**state.variables, "params": new_params}
+        curvature = curvature.replace(params=_params_key(new_params))
+        new_state = SsseState(variables, new_ledger, state.key, curvature)
+        return new_state, base.ForgetInfo(
+            request=request, num_forgotten=len(positions), num_retained=len(retained), seconds=seconds,
+            passes=float(iterations), solver=f"ssse-{cfg.curvature}-{lay.structure}", iterations=int(iterations),
+            residual=None, notes={"step_norm": float(step_norm), "epsilon": float(cfg.epsilon),
+                                  "damping": float(curvature.damping), "curvature_bytes": curv_lib.nbytes(curvature),
+                                  "downdate_clipped": clipped})
+
+
+def _split(variables: PyTree) -> tuple[PyTree, PyTree]:
+    return variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+
+def _params_key(params: PyTree) -> jax.Array:
+    """``uint32[4]``: the content key of ``params`` (:func:`jaxforget.fingerprint.fingerprint`)."""
+    digest = bytes.fromhex(fingerprint.fingerprint(params))
+    return jax.device_put(np.frombuffer(digest, "<u4").astype(np.uint32))
+
+
+__all__ = ["Ssse", "SsseState", "default_config"]
