@@ -140,8 +140,13 @@ def test_configs_and_states_from_elsewhere_are_refused():
         _build(ensemble="median")
     ring = _build("ring")
     state = ring.init(jax.random.key(0))
+    isolated = _build("isolated")
+    with pytest.raises(errors.StateMismatchError, match="model config"):
+        isolated.forget(state, ring.forgettable_ids()[:1])
+    # Even with its binding forged, the state's own structure is checked.
+    forged = state.replace(ledger=state.ledger.replace(data=jax.device_put(isolated.data_binding)))
     with pytest.raises(errors.ShapeDtypeError, match="shard graph"):
-        _build("isolated").forget(state, ring.forgettable_ids()[:1])
+        isolated.forget(forged, ring.forgettable_ids()[:1])
 
 
 def test_cross_attention_on_a_cnn_token_map_is_exact_too():

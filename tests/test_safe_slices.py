@@ -157,5 +157,9 @@ def test_sliced_states_refuse_another_slicing_and_bad_slice_configs():
         methods.build(job)
     job.method.budget.slices = 2
     other = methods.build(job)
+    with pytest.raises(errors.StateMismatchError, match="model config"):
+        other.check_state(state)
+    # Even with its binding forged, the state's own structure is checked.
+    forged = state.replace(ledger=state.ledger.replace(data=jax.device_put(other.data_binding)))
     with pytest.raises(errors.ShapeDtypeError, match="slices"):
-        other.check_state(state.replace(versions=np.zeros((method.graph.num_nodes, 2), np.int32)))
+        other.check_state(forged.replace(versions=np.zeros((method.graph.num_nodes, 2), np.int32)))

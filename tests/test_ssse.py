@@ -249,8 +249,12 @@ def test_sequential_requests_and_bad_input(linear):
     # A curvature that holds less than the erased samples' terms: the downdate leaves it indefinite.
     negative = -1e6 * jnp.broadcast_to(jnp.eye(128, dtype=jnp.float32), two.curvature.matrix.shape)
     broken = two.replace(curvature=two.curvature.replace(matrix=negative))
+    strict = ssse.Ssse(model, splits, config(structure="block", block_size=128, downdate="raise"),
+                       mesh=mesh.make_mesh(1))
     with pytest.raises(errors.CurvatureError, match="downdate guard"):
-        m.forget(broken, ids[10:12])
+        strict.forget(broken, ids[10:12])
+    clipped, info = m.forget(broken, ids[10:12])  # "clip": projected onto the PSD cone, and the share reported
+    assert info.notes["downdate_clipped"] > 0.99
     with pytest.raises(errors.ForgetRequestError, match="all .* remaining samples"):
         m.forget(two, np.setdiff1d(ids, ids[:8]))
     for a, b in zip(before, jax.tree.leaves(two), strict=True):

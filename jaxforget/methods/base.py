@@ -85,7 +85,7 @@ class Ledger:
 
 def data_binding(splits: data_lib.Splits, protected_ids: np.ndarray, definition: dict | None = None) -> np.ndarray:
     """``uint32[8]``: SHA-256 of the training set's content key (ids, inputs, labels), the protected ids and the
-    method's ``definition`` (its :meth:`Method.retrain_key`: the model and the config fields that make a state)."""
+    method's ``definition`` (its :meth:`Method.state_key`: the model and the config fields that make a state)."""
     h = hashlib.sha256(b"jaxforget.ledger.data/v2")
     h.update(splits.train.fingerprint().encode())
     h.update(np.asarray(np.sort(protected_ids), "<i8").tobytes())
@@ -184,7 +184,7 @@ class Method(abc.ABC):
     @functools.cached_property
     def data_binding(self) -> np.ndarray:
         """``uint32[8]`` the data this method's states are bound to (:func:`data_binding`)."""
-        return data_binding(self.splits, self.protected_ids(), self.retrain_key())
+        return data_binding(self.splits, self.protected_ids(), self.state_key())
 
     def empty_ledger(self) -> Ledger:
         """A ledger of this method's training set with nothing removed, bound to its data."""
@@ -207,7 +207,7 @@ class Method(abc.ABC):
             raise errors.StateMismatchError(
                 f"The state was made on data and config {_hex(bound)}, but method {self.name!r} was built on "
                 f"{_hex(self.data_binding)} (training ids, inputs, labels, protected ids, and the model and the config "
-                "fields that make a state, Method.retrain_key): the state comes from another dataset, split, core or "
+                "fields that make a state, Method.state_key): the state comes from another dataset, split, core or "
                 "model config; using it here would forget the wrong samples or the wrong model.")
 
     def validate_request(self, state: State, ids) -> np.ndarray:
@@ -275,6 +275,12 @@ class Method(abc.ABC):
         """What determines :meth:`init` and :meth:`retrain` (JSON-able): methods with equal keys share originals and
         cached oracles. By default the whole method config, so nothing is shared."""
         return {"method": self.name, "config": self.config.to_dict()}
+
+    def state_key(self) -> dict:
+        """What makes this method's states (JSON-able; bound into every ledger, :func:`data_binding`): a state is
+        refused by a method whose key differs. By default :meth:`retrain_key`; a method whose retrain key names
+        fields that only choose how a state is computed (solvers, tolerances) narrows it to the model's fields."""
+        return self.retrain_key()
 
     def retrain_inputs(self, state: State) -> PyTree:
         """The parts of ``state`` besides its ledger that :meth:`retrain` depends on (hashed into oracle cache keys);

@@ -396,6 +396,13 @@ class MixedLinear(base.Method):
         config = {k: v for k, v in self.config.to_dict().items() if k not in config_lib.SOLVER_ONLY_FIELDS}
         return {"family": "mixed_linear", "model": repr(self.model), "config": config}
 
+    def state_key(self) -> dict:
+        # The fields that define the model a state holds (the core, the linearization and the user problem); the
+        # solver, tolerance, layout and noise fields only choose how a request computes it.
+        fields = ("linearize", "mu", "regularization", "target_scale", "core", "user")
+        config = self.config.to_dict()
+        return {"family": "mixed_linear", "model": repr(self.model), "config": {k: config[k] for k in fields}}
+
     def retrain_inputs(self, state: MixedLinearState) -> PyTree:
         return state.core  # the exact retrain keeps the core
 

@@ -460,6 +460,12 @@ class Safe(base.Method):
 
     # ------------------------------------------------------------------ checks and hooks
 
+    def state_key(self) -> dict:
+        # SISA is SAFE on the graph with no edges: the name and the vmap width (how many nodes train at once) do not
+        # change what a state holds.
+        config = {k: v for k, v in self.config.to_dict().items() if k not in ("name", "width")}
+        return {"family": "safe", "model": repr(self.model), "config": config}
+
     def check_state(self, state: SafeState) -> None:
         super().check_state(state)
         adjacency = np.asarray(state.adjacency)
