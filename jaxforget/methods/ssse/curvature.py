@@ -114,6 +114,12 @@ def example_loss(model: nn.Module, rest: PyTree) -> Callable[[PyTree, Array, Arr
     return loss
 
 
+def weighted_loss_sum(model: nn.Module, rest: PyTree, params: PyTree, x: Array, y: Array, weights: Array) -> Array:
+    """``Σ_i w_i ℓ_i(θ)`` over a batch (eval mode): its gradient is ``Σ_i w_i g_i``, its Hessian ``Σ_i w_i ∇²ℓ_i``."""
+    losses = jax.vmap(example_loss(model, rest), (None, 0, 0))(params, x, y)
+    return jnp.sum(weights.astype(losses.dtype) * losses)
+
+
 def rows(kind: str, model: nn.Module, params: PyTree, rest: PyTree, x: Array, y: Array) -> Array:
     """The rows ``R_i`` with ``M_i = R_iᵀR_i``: ``[B, r, P]`` (``r = K`` for ``gauss_newton``, 1 for
     ``empirical_fisher``), columns in ``ravel_pytree(params)`` order."""
@@ -237,4 +243,4 @@ def nbytes(curv: Curvature) -> int:
 
 
 __all__ = ["GUARD_MESSAGE", "KINDS", "STRUCTURES", "Curvature", "Layout", "clip_to_psd", "downdate", "example_loss",
-           "layout", "nbytes", "rows", "solve", "term_sum", "trace_sum"]
+           "layout", "nbytes", "rows", "solve", "term_sum", "trace_sum", "weighted_loss_sum"]

@@ -139,25 +139,22 @@ class Ssse(ClassifierMethod):
         w = np.concatenate([np.ones(len(positions), np.float32), np.zeros(pad, np.float32)])
         return mesh_lib.shard_rows((x, y, w), self.mesh, int(self.config.chunk))
 
-    def _term_sum(self, params: PyTree, rest: PyTree, positions: np.ndarray) -> jax.Array:
+    def _term_sum(self, params: PyTree, rest: PyTree, positions: np.ndarray, data=None) -> jax.Array:
+        """``Σ_i M_i`` over the rows ``positions`` (``data``: their :meth:`_rows_data`, if already placed)."""
         kind, lay, model = self.config.curvature, self.layout, self.model
         fn = self._pass("terms", lambda a, b: curv_lib.term_sum(kind, lay, model, a[0], a[1], *b))
-        return fn((params, rest), self._rows_data(positions))
+        return fn((params, rest), self._rows_data(positions) if data is None else data)
 
     def _trace_sum(self, params: PyTree, rest: PyTree, positions: np.ndarray) -> jax.Array:
         kind, model = self.config.curvature, self.model
         fn = self._pass("trace", lambda a, b: curv_lib.trace_sum(kind, model, a[0], a[1], *b))
         return fn((params, rest), self._rows_data(positions))
 
-    def _grad_sum(self, params: PyTree, rest: PyTree, positions: np.ndarray) -> PyTree:
-        """``Σ_S ∇ℓ_i(θ)``: one backward pass over the erased samples (eval mode)."""
+    def _grad_sum(self, params: PyTree, rest: PyTree, data) -> PyTree:
+        """``Σ_S ∇ℓ_i(θ)``: one backward pass over the erased samples' :meth:`_rows_data` (eval mode)."""
         model = self.model
-
-        def batch_fn(a, b):
-            losses = lambda p: jax.vmap(curv_lib.example_loss(model, a[1]), (None, 0, 0))(p, b[0], b[1])
-            return jax.grad(lambda p: jnp.sum(b[2].astype(losses(p).dtype) * losses(p)))(a[0])
-
-        return self._pass("grad", batch_fn)((params, rest), self._rows_data(positions))
+        batch_fn = lambda a, b: jax.grad(lambda p: curv_lib.weighted_loss_sum(model, a[1], p, *b))(a[0])
+        return self._pass("grad", batch_fn)((params, rest), data)
 
     def _matvec_sum(self):
         """``(params, rest, v, data) -> Σ_{D} w_i M_i v`` (ravelled) by a matrix-free data-parallel pass."""
@@ -173,9 +170,7 @@ class Ssse(ClassifierMethod):
             elif kind == "empirical_fisher":
                 out = kernels.fisher_matvec_sum(curv_lib.example_loss(model, r), p, tangent, w, x, y)
             else:
-                per = lambda q: jax.vmap(curv_lib.example_loss(model, r), (None, 0, 0))(q, x, y)
-                total = lambda q: jnp.sum(w.astype(per(q).dtype) * per(q))
-                out = kernels.hvp(total, p, tangent)
+                out = kernels.hvp(lambda q: curv_lib.weighted_loss_sum(model, r, q, x, y, w), p, tangent)
             return ravel_pytree(out)[0]
 
         return mesh_lib.data_parallel_sum(batch_fn, self.mesh, int(self.config.chunk))
@@ -215,8 +210,6 @@ class Ssse(ClassifierMethod):
         if lay.structure == "woodbury":
             take = min(int(cfg.rank), len(retained))
             stored = np.sort(np.random.default_rng(seed).choice(retained, take, replace=False))
-        trace = float(self._trace_sum(params, rest, stored)) / max(len(stored), 1)
-        damping = np.float32(cfg.damping * trace / lay.num_params)
         if lay.structure in ("dense", "block"):
             matrix = self._term_sum(params, rest, stored)
             owner = jnp.full(1, -1, jnp.int32)
@@ -227,6 +220,15 @@ class Ssse(ClassifierMethod):
             owner = jax.device_put(stored.astype(np.int32))
         else:
             matrix, owner = jnp.zeros(1, jnp.float32), jnp.full(1, -1, jnp.int32)
+        # tr(Σ M_i) from what is held where it holds it (no second pass over the data): the diagonal of the sum
+        # (blocks: padding entries are zero), or ‖R‖² of the stored rows; the Hessian and cg read the rows' norms.
+        if cfg.curvature == "hessian" or lay.structure == "cg":
+            total = self._trace_sum(params, rest, stored)
+        elif lay.structure == "woodbury":
+            total = jnp.sum(matrix * matrix)
+        else:
+            total = jnp.sum(jnp.trace(matrix, axis1=-2, axis2=-1))
+        damping = np.float32(cfg.damping * float(total) / max(len(stored), 1) / lay.num_params)
         return curv_lib.Curvature(matrix=matrix, owner=owner, count=jnp.int32(len(stored)),
                                   damping=jnp.float32(damping), layout=jnp.asarray(self.codes),
                                   params=_params_key(params))
@@ -313,9 +315,10 @@ class Ssse(ClassifierMethod):
         cfg, lay = self.config, self.layout
         start = time.perf_counter()
         params, rest = _split(state.variables)
-        grads = ravel_pytree(self._grad_sum(params, rest, positions))[0]
+        erased = self._rows_data(positions)  # placed once: the gradient and the downdate read the same rows
+        grads = ravel_pytree(self._grad_sum(params, rest, erased))[0]
         errors.check_finite(grads, f"gradients of the {len(positions)} erased samples")
-        removed = self._term_sum(params, rest, positions) if lay.structure in ("dense", "block") else None
+        removed = self._term_sum(params, rest, positions, erased) if lay.structure in ("dense", "block") else None
         curvature = curv_lib.downdate(state.curvature, lay, removed, positions)
         clipped = 0.0
         if removed is not None and cfg.downdate == "clip" and cfg.curvature != "hessian":
