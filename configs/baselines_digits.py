@@ -1,4 +1,4 @@
-"""A general-network baseline on scikit-learn's digits: retrain, finetune, neggrad or random_label.
+"""A general-network baseline on scikit-learn's digits: retrain, finetune, neggrad, random_label or fisher_forgetting.
 
 Command:
   python -m launch.forget --config=configs/baselines_digits.py:method=finetune --workdir=runs/finetune

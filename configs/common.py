@@ -6,6 +6,8 @@ import ml_collections
 
 #: The MLP 64-128-128-10 (Leaky-ReLU 0.01) every digits config starts from.
 DIGITS_MLP = dict(name="mlp", hidden=(128, 128), num_classes=10, activation="leaky_relu", leaky_slope=0.01)
+#: A small CNN for the 8×8 digits: two 3×3 convolutions (16, 32 channels, each followed by 2×2 pooling), 64 hidden.
+DIGITS_CNN = dict(name="cnn", channels=(16, 32), hidden=64, num_classes=10)
 
 
 def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:

@@ -6,7 +6,8 @@ and one cached retrain oracle per seed (e.g. every classifier baseline of one mo
 fixes initialisations, data orders, the request draw and the noise keys):
 
 1. train each group's original on ``D`` (``method.init``);
-2. draw the request ``D_f`` (a fixed fraction of the ids every method may forget) and a disjoint warm-up request;
+2. draw the request ``D_f`` from the ids every method may forget (a fixed fraction of them, ``forget_size`` of them,
+   or all of them of class ``forget_class``: :func:`draw_request`) and a disjoint warm-up request of its size;
 3. get each group's retrain oracle from the cache or compute it (``method.retrain``), and, for the distributional
    scores, two populations of ``n_models`` retrains;
 4. run every method once to compile (on the warm-up request), then timed;
@@ -45,7 +46,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxforget import compat, distributional, evaluate, methods, mia, oracle, progress, report, timing
+from jaxforget import compat, distributional, errors, evaluate, methods, mia, oracle, progress, report, timing
 from jaxforget import config as config_lib
 from jaxforget import data as data_lib
 from jaxforget import experiment as experiment_lib
@@ -80,11 +81,21 @@ def _split_logits(logits: dict[str, np.ndarray], sets) -> dict[str, mia.SplitLog
     return {name: mia.SplitLogits(logits[name], sets[name].y, sets[name].ids) for name in SPLITS}
 
 
+# The statistic each single-record attack reads, to name its row when the attack cannot run.
+_ATTACK_STATISTIC = {"lr_loss_cv": "loss", "svc_entropy": "entropy", "lira_conf": "logit_conf"}
+
+
 def _mia_records(models_logits: dict[str, dict[str, np.ndarray]], sets, seed: int) -> list[dict]:
     inputs = {role: _split_logits(lg, sets) for role, lg in models_logits.items()}
     out = []
     for name in ("lr_loss_cv", "svc_entropy", "svc_features", "lira_conf"):
-        rec = mia.attack_all_models(mia.ATTACKS[name], inputs, seed=seed)
+        try:
+            rec = mia.attack_all_models(mia.ATTACKS[name], inputs, seed=seed)
+        except mia.AttackInputError as err:
+            # A small request (random erasure of k = 1 id) is below some attacks' sample minimum: that attack is
+            # reported n/a with the reason rather than ending the comparison.
+            rec = {"attack": name, "statistic": _ATTACK_STATISTIC.get(name, "n/a"), "value": None,
+                   "value_retrain": None, "value_original": None, "convention": f"n/a: {err}"}
         out.extend(rec if isinstance(rec, list) else [rec])
     return out
 
@@ -320,6 +331,42 @@ def build_methods(config: ml_collections.ConfigDict) -> dict[str, methods.Method
     return built
 
 
+def draw_request(config: ml_collections.ConfigDict, common, train: data_lib.Dataset,
+                 seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A seed's request ``D_f``, its disjoint warm-up request of the same size, and the selection record.
+
+    ``common`` holds the ids every method may forget, ``train`` labels them. ``forget_class >= 0``: every common id
+    of that class, warmed up on as many ids drawn from the other classes (a class request of another class would
+    have another size); else ``forget_size`` ids (or ``round(forget_fraction · |common|)``) drawn with ``seed``.
+    The record (``select``, ``size``, ``fraction`` (None unless it set the size), ``class`` (None for a random
+    draw)) goes into the report's ``data.selection``.
+
+    Raises:
+      ConfigError: naming the field: a class that is not a label of the data or has no common ids, or a request
+        with no disjoint warm-up request of its size.
+    """
+    common = np.asarray(common)
+    if config.forget_class >= 0:
+        label = int(config.forget_class)
+        forget_ids = experiment_lib.class_ids(common, train.y[train.index_of(common)], label,
+                                              num_classes=int(train.num_classes), what="compare: forget_class")
+        others = np.setdiff1d(common, forget_ids)
+        if len(others) < len(forget_ids):
+            raise errors.ConfigError(f"compare: forget_class = {label}: its {len(forget_ids)} ids need a warm-up "
+                                     f"request of as many ids from the other classes, which hold {len(others)}.")
+        warm_ids = data_lib.draw_disjoint(others, 1, len(forget_ids), seed=seed)[0]
+        return forget_ids, warm_ids, {"select": "class", "size": len(forget_ids), "fraction": None, "class": label}
+    size = int(config.forget_size) or max(1, int(round(config.forget_fraction * len(common))))
+    if 2 * size > len(common):
+        field = (f"forget_size = {config.forget_size}" if config.forget_size
+                 else f"forget_fraction = {config.forget_fraction}")
+        raise errors.ConfigError(f"compare: {field}: a request of {size} ids leaves no disjoint warm-up request of "
+                                 f"the same size among the {len(common)} ids every method may forget.")
+    forget_ids, warm_ids = data_lib.draw_disjoint(common, 2, size, seed=seed)
+    fraction = None if config.forget_size else float(config.forget_fraction)
+    return forget_ids, warm_ids, {"select": "random", "size": size, "fraction": fraction, "class": None}
+
+
 def run_seed(config: ml_collections.ConfigDict, built: dict[str, methods.Method], seed: int,
              cache: oracle.OracleCache) -> dict:
     """Everything measured for one seed: per-method readouts (with retrain and original values) and timings."""
@@ -328,11 +375,7 @@ def run_seed(config: ml_collections.ConfigDict, built: dict[str, methods.Method]
     common = first.forgettable_ids()
     for m in built.values():
         common = np.intersect1d(common, m.forgettable_ids())
-    size = max(1, int(round(config.forget_fraction * len(common))))
-    if 2 * size > len(common):
-        raise ValueError(f"forget fraction {config.forget_fraction} leaves no disjoint warm-up request of the same "
-                         "size.")
-    forget_ids, warm_ids = data_lib.draw_disjoint(common, 2, size, seed=seed)
+    forget_ids, warm_ids, selection = draw_request(config, common, first.splits.train, seed)
     sets = oracle.eval_sets(first.splits, forget_ids)
     groups: dict[str, list[str]] = {}
     for label in labels:
@@ -356,7 +399,7 @@ def run_seed(config: ml_collections.ConfigDict, built: dict[str, methods.Method]
         for stat, fn in (("loss", mia.loss), ("logit_conf", mia.logit_conf))
     }
     return {
-        "seed": seed, "methods": per_method, "sizes": {s: len(ds) for s, ds in sets.items()},
+        "seed": seed, "methods": per_method, "sizes": {s: len(ds) for s, ds in sets.items()}, "selection": selection,
         "forget_ids_sha256": hashlib.sha256(np.sort(forget_ids).astype(np.int64).tobytes()).hexdigest(),
         "population_seconds": float(np.mean([g["population_seconds"] for g in shared.values()])),
         "oracle_seconds": float(np.mean([g["oracle"]["seconds"] for g in shared.values()])),
@@ -468,7 +511,8 @@ def _assemble(config, seeds, labels, results, built) -> dict:
         "config": json.loads(config.to_json_best_effort()),
         "seeds": seeds, "methods": labels,
         "method_names": {m: built[m].name for m in labels},
-        "data": {"sizes": results[0]["sizes"], "forget_ids_sha256": [r["forget_ids_sha256"] for r in results]},
+        "data": {"sizes": results[0]["sizes"], "forget_ids_sha256": [r["forget_ids_sha256"] for r in results],
+                 "selection": results[0]["selection"]},
         "oracle": {str(r["seed"]): r["oracles"] for r in results},
         "method_details": results[0]["details"],
         "metrics": metrics, "challenge": challenge, "timings": timings,

@@ -8,6 +8,7 @@ on the command line (``--config.method.sigam=...``) fails with the valid names i
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 from jaxforget import data as data_lib
 from jaxforget import errors
@@ -20,16 +21,32 @@ def runtime_fields(config: ml_collections.ConfigDict) -> None:
     config.num_devices = 0
 
 
+#: Values of a forget job's ``requests.select``.
+SELECTIONS = ("random", "class")
+
+
+def requests_section() -> ml_collections.ConfigDict:
+    """The forget job's ``requests`` section, with its defaults.
+
+    Requests are sequential and disjoint, drawn with ``seed`` from the ids the method may forget (its forgettable
+    ids). ``select="random"``: each a random draw of ``size`` ids, or (``size`` 0, the default) of
+    ``round(fraction · forgettable)`` ids. ``select="class"`` (whole-class erasure): each every forgettable id of one
+    class, of ``classes`` (one label per request) or, with ``classes`` empty, of ``num_requests`` distinct classes
+    drawn with ``seed``; ``size`` must be 0 then. ``fraction`` is not read once ``size`` or a class selects the ids.
+    ``noise_seed``: -1 draws each request's noise key from the OS, secret and unrecorded; >= 0 makes request k's key
+    ``fold_in(key(noise_seed), k)``, so that two runs are bit-identical (noise included).
+    """
+    return ml_collections.ConfigDict(dict(num_requests=10, fraction=0.01, size=0, select="random", classes=(),
+                                          seed=0, noise_seed=-1))
+
+
 def forget_job(method: str, model: dict) -> ml_collections.ConfigDict:
     """The forget job's config for ``method`` (its default method config) on the default data."""
     c = ml_collections.ConfigDict()
     c.data = data_lib.default_config()
     c.model = ml_collections.ConfigDict(model)
     c.method = get_method(method).default_config()
-    # Requests: sequential, each a fixed-seed random draw of `fraction` of the ids the method may forget.
-    # noise_seed: -1 draws each request's noise key from the OS, secret and unrecorded; >= 0 makes request k's key
-    # fold_in(key(noise_seed), k), so that two runs are bit-identical (noise included).
-    c.requests = ml_collections.ConfigDict(dict(num_requests=10, fraction=0.01, seed=0, noise_seed=-1))
+    c.requests = requests_section()
     # Evaluation: the method's timed baselines besides its retrain; the oracle cache ("": <workdir>/oracle_cache).
     c.eval = ml_collections.ConfigDict(dict(baselines=(), oracle_cache=""))
     runtime_fields(c)
@@ -59,11 +76,11 @@ def validate_forget_job(config: ml_collections.ConfigDict) -> None:
                              "checkpoint_max_to_keep", "residual_budget"), "forget job")
     data_lib.validate_config(config.data)
     get_method(config.method.name).validate_config(config.method)
-    base.validate_fields(config.requests, ml_collections.ConfigDict(dict(num_requests=1, fraction=0.0, seed=0,
-                                                                         noise_seed=-1)), "requests")
+    base.validate_fields(config.requests, requests_section(), "requests")
     base.check_range(config.requests.num_requests, "requests.num_requests", low=1)
     base.check_range(config.requests.fraction, "requests.fraction", low=0, high=1, low_open=True)
     base.check_range(config.requests.seed, "requests.seed", low=0)
+    validate_selection(config.requests)
     if isinstance(config.requests.noise_seed, bool) or not isinstance(config.requests.noise_seed, int) \
             or config.requests.noise_seed < -1:
         raise errors.ConfigError(f"requests.noise_seed must be an integer >= -1 (-1: secret noise), got "
@@ -72,6 +89,43 @@ def validate_forget_job(config: ml_collections.ConfigDict) -> None:
     _check_runtime(config)
     base.check_range(config.checkpoint_max_to_keep, "checkpoint_max_to_keep", low=1)
     base.check_range(config.residual_budget, "residual_budget", low=0)
+
+
+def _check_int(value, what: str, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise errors.ConfigError(f"{what} must be an integer >= {low}, got {value!r}.")
+
+
+def validate_selection(requests: ml_collections.ConfigDict) -> None:
+    """Checks the request selection of a forget job's ``requests`` section, as far as it can be known without the
+    data: ``size`` an integer >= 0; ``select`` "random" or "class"; ``classes`` only with ``select="class"``, then
+    one distinct label >= 0 per request; no ``size`` with ``select="class"`` (the request is the whole class).
+
+    Whether the ids suffice (``size`` × ``num_requests`` forgettable ids, a label of the data with forgettable ids)
+    is checked when the plan is drawn (:func:`jaxforget.experiment.plan_requests`), before any training.
+
+    Raises:
+      ConfigError: naming the field (``requests.size``, ``requests.select`` or ``requests.classes``).
+    """
+    _check_int(requests.size, "requests.size", low=0)
+    base.check_choice(requests.select, SELECTIONS, "requests.select")
+    classes = tuple(requests.classes)
+    if requests.select != "class":
+        if classes:
+            raise errors.ConfigError(f"requests.classes {classes!r} is read only with requests.select='class' (got "
+                                     f"{requests.select!r}); leave it empty, or select whole classes.")
+        return
+    if requests.size != 0:
+        raise errors.ConfigError(f"requests.size must be 0 with requests.select='class' (a request is every "
+                                 f"forgettable id of its class), got {requests.size!r}.")
+    for label in classes:
+        _check_int(label, "requests.classes: each class label", low=0)
+    if classes and len(classes) != requests.num_requests:
+        raise errors.ConfigError(f"requests.classes names {len(classes)} class(es) for requests.num_requests = "
+                                 f"{requests.num_requests}: one class per request, or empty to draw them.")
+    if len(set(classes)) != len(classes):
+        raise errors.ConfigError(f"requests.classes {classes!r} names a class twice; requests are disjoint, so "
+                                 "each class can be erased once.")
 
 
 def _check_runtime(config) -> None:
@@ -87,7 +141,14 @@ def compare_job() -> ml_collections.ConfigDict:
     c.data = data_lib.default_config()
     c.methods = ml_collections.ConfigDict(sort_keys=False)  # the report lists methods in this order
     c.seeds = (0, 1, 2)  # each fixes initialisations and data orders, the request draw and noise keys
+    # The request D_f, drawn per seed from the ids every method may forget (their common forgettable ids):
+    # forget_class >= 0: all of them of that class (whole-class erasure; forget_size must be 0); else forget_size > 0
+    # of them at random; else (the default) round(forget_fraction · common) at random. forget_fraction is not read
+    # once forget_size or forget_class selects. The warm-up request is disjoint and of the same size (for a class: from
+    # the other classes). The report records the selection under data.selection.
     c.forget_fraction = 0.15
+    c.forget_size = 0
+    c.forget_class = -1
     c.eval = ml_collections.ConfigDict(dict(
         n_models=64,  # per population (the challenge's N); 2N retrains are cached
         # "per_model": N independent originals, each unlearned once, vs 2N independent retrains (the spread of
@@ -113,7 +174,8 @@ def validate_compare(config: ml_collections.ConfigDict) -> None:
     Raises:
       ConfigError: naming the first invalid or unknown field. KeyError: an unknown method name.
     """
-    _check_sections(config, ("data", "methods", "seeds", "forget_fraction", "eval", "num_devices"), "compare")
+    _check_sections(config, ("data", "methods", "seeds", "forget_fraction", "forget_size", "forget_class", "eval",
+                             "num_devices"), "compare")
     data_lib.validate_config(config.data)
     if not config.methods:
         raise errors.ConfigError("compare: config.methods is empty; add at least one method entry.")
@@ -123,6 +185,11 @@ def validate_compare(config: ml_collections.ConfigDict) -> None:
     if not config.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in config.seeds):
         raise errors.ConfigError(f"compare: seeds must be a non-empty tuple of integers >= 0, got {config.seeds!r}.")
     base.check_range(config.forget_fraction, "compare: forget_fraction", low=0, high=0.5, low_open=True)
+    _check_int(config.forget_size, "compare: forget_size", low=0)
+    _check_int(config.forget_class, "compare: forget_class", low=-1)
+    if config.forget_class >= 0 and config.forget_size != 0:
+        raise errors.ConfigError(f"compare: forget_size must be 0 with forget_class = {config.forget_class} (the "
+                                 f"request is every common forgettable id of the class), got {config.forget_size!r}.")
     base.validate_fields(config.eval, compare_job().eval, "compare: eval")
     base.check_range(config.eval.n_models, "compare: eval.n_models", low=2)
     base.check_choice(config.eval.originals, ("single", "per_model"), "compare: eval.originals")

@@ -29,16 +29,88 @@ from jaxforget import data as data_lib
 PyTree = Any
 
 
-def request_plan(ids, num_requests: int, fraction: float, seed: int) -> list[np.ndarray]:
-    """Disjoint forget requests of ``fraction`` of ``ids`` each, drawn with a fixed seed.
+def request_plan(ids, num_requests: int, fraction: float, seed: int, *, size: int = 0) -> list[np.ndarray]:
+    """Disjoint random forget requests of ``size`` ids each, or (``size`` 0) of ``fraction`` of ``ids`` each (at least
+    one), drawn with a fixed seed.
+
+    Raises:
+      ConfigError: the requests need more ids than ``ids`` holds (naming ``requests.size`` or ``requests.fraction``).
 
     Examples:
       >>> s = data_lib.make_splits(data_lib.load_digits(), seed=0)
       >>> [len(r) for r in request_plan(s.user_ids, 3, 0.01, seed=0)]
       [10, 10, 10]
+      >>> [len(r) for r in request_plan(s.user_ids, 3, 0.01, seed=0, size=1)]
+      [1, 1, 1]
     """
     ids = np.asarray(ids)
-    return data_lib.draw_disjoint(ids, num_requests, max(1, int(round(fraction * len(ids)))), seed=seed)
+    count = int(size) or max(1, int(round(fraction * len(ids))))
+    if num_requests * count > len(ids):
+        field = f"requests.size = {size}" if size else f"requests.fraction = {fraction}"
+        raise errors.ConfigError(f"{field}: {num_requests} disjoint request(s) of {count} ids need "
+                                 f"{num_requests * count} ids, but the method may forget only {len(ids)}.")
+    return data_lib.draw_disjoint(ids, num_requests, count, seed=seed)
+
+
+def class_ids(ids, labels, label: int, *, num_classes: int, what: str) -> np.ndarray:
+    """The ids of ``ids`` whose label (``labels``, by position) is ``label``, sorted.
+
+    Raises:
+      ConfigError: naming ``what``: ``label`` is not a class of the data (``[0, num_classes)``), or none of ``ids``
+        has it.
+
+    Examples:
+      >>> class_ids(np.array([4, 7, 9]), np.array([1, 0, 1]), 1, num_classes=2, what="requests.classes").tolist()
+      [4, 9]
+    """
+    if not 0 <= int(label) < num_classes:
+        raise errors.ConfigError(f"{what}: class {label} is not a label of the data (0 … {num_classes - 1}).")
+    out = np.sort(np.asarray(ids)[np.asarray(labels) == int(label)])
+    if not out.size:
+        raise errors.ConfigError(f"{what}: class {label} has no ids the method(s) may forget (all of them are "
+                                 "protected, e.g. core, or absent from the training split).")
+    return out
+
+
+def class_plan(ids, labels, num_requests: int, classes, seed: int, *,
+               num_classes: int) -> tuple[list[np.ndarray], list[int]]:
+    """Whole-class requests: each every id of ``ids`` of one class, for ``classes`` (one per request) or, when empty,
+    ``num_requests`` distinct classes drawn with ``seed`` among those ``ids`` hold. Returns the requests and their
+    classes.
+
+    Raises:
+      ConfigError: an unknown class or one without ids (:func:`class_ids`), more requests than classes to draw,
+        or ``classes`` not one per request.
+    """
+    labels = np.asarray(labels)
+    if len(classes) == 0:
+        present = np.unique(labels)
+        if num_requests > present.size:
+            raise errors.ConfigError(f"requests.num_requests = {num_requests} whole-class requests need as many "
+                                     f"classes with forgettable ids; only {present.size} have any.")
+        classes = np.random.default_rng(seed).permutation(present)[:num_requests]
+    if len(classes) != num_requests:
+        raise errors.ConfigError(f"requests.classes names {len(classes)} class(es) for {num_requests} request(s).")
+    chosen = [int(c) for c in classes]
+    return [class_ids(ids, labels, c, num_classes=num_classes, what="requests.classes") for c in chosen], chosen
+
+
+def plan_requests(requests: ml_collections.ConfigDict, ids, train: data_lib.Dataset
+                  ) -> tuple[list[np.ndarray], list[int | None]]:
+    """The forget job's request plan from its ``requests`` section (:func:`jaxforget.config.requests_section`): the
+    requests, drawn from ``ids`` (the method's forgettable ids, labelled by ``train``), and each one's class (None
+    for a random draw).
+
+    Raises:
+      ConfigError: a selection the ids cannot satisfy, naming the field (:func:`request_plan`, :func:`class_plan`).
+    """
+    if requests.select == "class":
+        ids = np.asarray(ids)
+        return class_plan(ids, train.y[train.index_of(ids)], int(requests.num_requests), tuple(requests.classes),
+                          int(requests.seed), num_classes=int(train.num_classes))
+    plan = request_plan(ids, int(requests.num_requests), float(requests.fraction), int(requests.seed),
+                        size=int(requests.size))
+    return plan, [None] * len(plan)
 
 
 def oracle_cache(config: ml_collections.ConfigDict, workdir: str) -> oracle.OracleCache:
@@ -75,8 +147,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     method = methods.build(config)
     logging.info("jaxforget forget job: method %s on %d device(s): %s", method.name, method.mesh.size,
                  method.mesh.devices.ravel().tolist())
-    plan = request_plan(method.forgettable_ids(), config.requests.num_requests, config.requests.fraction,
-                        config.requests.seed)
+    plan, plan_classes = plan_requests(config.requests, method.forgettable_ids(), method.splits.train)
     method.plan_capacity(sum(len(r) for r in plan))  # sizes buffers before any factorisation: one compilation
     plan_hash = hashlib.sha256(b"".join(r.astype(np.int64).tobytes() for r in plan)).hexdigest()[:16]
     run_hash = config_hash(config, "data", "model", "method")
@@ -141,6 +212,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         retrain_seconds = float(entry.train_seconds[0])
         record = {
             "request": k + 1,
+            "selection": {"select": config.requests.select, "size": len(plan[k]), "class": plan_classes[k]},
             "forget": info.to_json(),
             "oracle": {"source": oracle_info["source"], "key": oracle_info["key"], "seconds": retrain_seconds},
             "rel_weight_distance": dist["relative"],

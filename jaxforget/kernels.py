@@ -174,6 +174,35 @@ def hvp(loss: Callable[..., Array], params: PyTree, v: PyTree, *args) -> PyTree:
     return jax.jvp(lambda p: jax.grad(loss)(p, *args), (params,), (v,))[1]
 
 
+def example_cross_entropy(model: Any, rest: PyTree) -> Callable[[PyTree, Array, Array], Array]:
+    """``(params, x, y) -> ℓ``: the softmax cross-entropy of one example (no batch axis) of a Flax classifier in
+    eval mode (``rest``: its other collections, e.g. BatchNorm statistics), for per-example derivatives.
+
+    Examples:
+      >>> from jaxforget import models
+      >>> model = models.MLP(hidden=(), num_classes=3)
+      >>> params = jax.tree.map(jnp.zeros_like, models.init_variables(model, jax.random.key(0), (2,))["params"])
+      >>> loss = example_cross_entropy(model, {})
+      >>> bool(jnp.isclose(loss(params, jnp.zeros(2), jnp.int32(1)), jnp.log(3.0)))
+      True
+    """
+
+    def loss(params, x, y):
+        logits = model.apply({"params": params, **rest}, x[None], train=False)[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    return loss
+
+
+def weighted_cross_entropy_sum(model: Any, rest: PyTree, params: PyTree, x: Array, y: Array,
+                               weights: Array) -> Array:
+    """``Σ_b w_b ℓ_b(θ)`` over a batch in eval mode (``w_b = 0`` for padding rows): its gradient is ``Σ_b w_b g_b``
+    and its Hessian ``Σ_b w_b ∇²ℓ_b``."""
+    logits = model.apply({"params": params, **rest}, x, train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return jnp.sum(weights.astype(losses.dtype) * losses)
+
+
 def per_example_grads(loss_one: Callable[..., Array], params: PyTree, *batch: Array) -> PyTree:
     """Per-example gradients ``[B, ...]`` by ``vmap(grad)`` (never a batch-size-1 loop).
 

@@ -14,6 +14,9 @@ same seed. The batch order comes from ``(seed, epoch)`` alone, so a resumed run 
 The weighted loss of a step is :math:`\\sum_b w_b \\ell_b / \\sum_b |w_b|` with per-example cross-entropy
 :math:`\\ell_b`: unit weights give the batch mean; negative weights ascend (NegGrad); weights ``α/B_r`` on a
 retain batch and ``−(1−α)/B_f`` on a forget batch give ``α·CE_r − (1−α)·CE_f`` (NegGrad+).
+
+:func:`train_full_batch` minimises the same regularised objective (mean cross-entropy plus ``(λ/2)‖θ‖²``) by a
+full-batch Newton or L-BFGS solver to a gradient tolerance: the stationary model a convex removal step assumes.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from jaxforget import data as data_lib
-from jaxforget import progress
+from jaxforget import errors, progress
+from jaxforget import mesh as mesh_lib
 
 PyTree = Any
 
@@ -368,3 +373,225 @@ def train_classifiers(
                                                      _device_plan(stacked), lr0, total)
         losses.append(np.asarray(loss))
     return variables, np.stack(losses, axis=1) if losses else np.zeros((len(seeds), 0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Full-batch solvers: the same regularised objective, optimised to a gradient tolerance
+# --------------------------------------------------------------------------------------------------
+
+#: The full-batch solvers of :func:`train_full_batch` (``"sgd"`` is the minibatch recipe above).
+FULL_BATCH_SOLVERS = ("newton", "lbfgs")
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class FullBatchInfo(NamedTuple):
+    """Diagnostics of :func:`train_full_batch` (host values).
+
+    Attributes:
+      iterations: Newton or L-BFGS iterations made.
+      grad_norm: ``‖∇L(θ)‖`` of the mean-form objective at the returned parameters.
+      converged: whether ``grad_norm ≤ tol``.
+    """
+
+    iterations: int
+    grad_norm: float
+    converged: bool
+
+
+def _full_batch_sums(model: nn.Module, unravel, order: int):
+    """``batch_fn`` for :func:`jaxforget.mesh.data_parallel_sum`: the weighted cross-entropy sum ``Σ_b w_b ℓ_b`` of
+    a batch (eval mode) at ravelled parameters, with its gradient (``order ≥ 1``) and Hessian (``order = 2``)."""
+
+    def loss_sum(flat, x, y, w):
+        logits = model.apply({"params": unravel(flat)}, x, train=False)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum(w.astype(losses.dtype) * losses)
+
+    def batch_fn(flat, batch):
+        x, y, w = batch
+        if order == 0:
+            return loss_sum(flat, x, y, w)
+        value, grad = jax.value_and_grad(loss_sum)(flat, x, y, w)
+        if order == 1:
+            return value, grad
+        return value, grad, jax.hessian(loss_sum)(flat, x, y, w)
+
+    return batch_fn
+
+
+@functools.cache
+def _full_batch_fn(model: nn.Module, solver: str, mesh, chunk: int):
+    """The jitted solver ``(params, data, count, weight_decay, linear, tol, max_iter) -> (params, info)`` for
+    one model, solver and mesh (shapes and dtypes retrace as usual)."""
+
+    def solve(params, data, count, weight_decay, linear, tol, max_iter):
+        flat0, unravel = ravel_pytree(params)
+        dtype = flat0.dtype
+        sums = [mesh_lib.data_parallel_sum(_full_batch_sums(model, unravel, order), mesh, chunk)
+                for order in range(3)]
+        count, weight_decay = count.astype(dtype), weight_decay.astype(dtype)
+        linear, tol = linear.astype(dtype), tol.astype(dtype)
+        eye = jnp.eye(flat0.shape[0], dtype=dtype)
+
+        # L(θ) = (Σ_b w_b ℓ_b(θ) + bᵀθ) / m + (λ/2)‖θ‖², with m = Σ_b w_b (the rows trained on), from the sums.
+        def value(flat, loss_sum=None):
+            loss_sum = sums[0](flat, data) if loss_sum is None else loss_sum
+            return (loss_sum + jnp.vdot(linear, flat, precision=HIGHEST)) / count \
+                + 0.5 * weight_decay * jnp.vdot(flat, flat, precision=HIGHEST)
+
+        def value_and_grad(flat):
+            loss_sum, grad_sum = sums[1](flat, data)
+            return value(flat, loss_sum), (grad_sum + linear) / count + weight_decay * flat
+
+        def value_grad_hess(flat):
+            loss_sum, grad_sum, hess_sum = sums[2](flat, data)
+            hess = 0.5 * (hess_sum + hess_sum.T) / count + weight_decay * eye
+            return value(flat, loss_sum), (grad_sum + linear) / count + weight_decay * flat, hess
+
+        if solver == "newton":
+            flat, grad, iterations = _newton(value, value_and_grad, value_grad_hess, flat0, tol, max_iter)
+        else:
+            flat, grad, iterations = _lbfgs(value, value_and_grad, flat0, tol, max_iter)
+        grad_norm = jnp.linalg.norm(grad)
+        return unravel(flat), (iterations, grad_norm, grad_norm <= tol)
+
+    return jax.jit(solve)
+
+
+def _newton(value, value_and_grad, value_grad_hess, flat0, tol, max_iter):
+    r"""Newton's method with Armijo backtracking: :math:`d = -\nabla^2 L^{-1} \nabla L` by Cholesky (steepest
+    descent where the Hessian is not positive definite: a non-convex model), step :math:`t = 2^{-j}`, the first
+    that decreases ``L`` by at least :math:`10^{-4} t\, \nabla L^\top d` (with a rounding allowance, so that the
+    full step near the optimum is not refused for a decrease below the objective's float resolution)."""
+    eps = jnp.asarray(jnp.finfo(flat0.dtype).eps, flat0.dtype)
+
+    def cond(carry):
+        _, grad, it = carry
+        return (jnp.linalg.norm(grad) > tol) & (it < max_iter)
+
+    def body(carry):
+        flat, _, it = carry
+        f0, g, hess = value_grad_hess(flat)
+        d = -jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(hess), True), g)
+        d = jnp.where(jnp.all(jnp.isfinite(d)), d, -g)
+        slope = jnp.vdot(g, d, precision=HIGHEST)
+        slack = 16 * eps * (jnp.abs(f0) + 1)
+
+        def refused(state):
+            t, j = state
+            return (value(flat + t * d) > f0 + 1e-4 * t * slope + slack) & (j < 60)
+
+        t, _ = jax.lax.while_loop(refused, lambda s: (0.5 * s[0], s[1] + 1), (jnp.ones((), flat.dtype), 0))
+        new = flat + t * d
+        return new, value_and_grad(new)[1], it + 1
+
+    _, grad0 = value_and_grad(flat0)
+    return jax.lax.while_loop(cond, body, (flat0, grad0, jnp.zeros((), jnp.int32)))
+
+
+def _lbfgs(value, value_and_grad, flat0, tol, max_iter):
+    """``optax.lbfgs`` (zoom line search) until ``‖∇L‖ ≤ tol`` or ``max_iter`` iterations."""
+    opt = optax.lbfgs()
+
+    def cond(carry):
+        _, _, grad, it = carry
+        return (jnp.linalg.norm(grad) > tol) & (it < max_iter)
+
+    def body(carry):
+        flat, state, grad, it = carry
+        v = optax.tree.get(state, "value")
+        # optax's L-BFGS adds its int32 memory index to a default-int range, which strict promotion refuses under
+        # float64 (jax_enable_x64); the standard rules give the same int32 index.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, state = opt.update(grad, state, flat, value=v, grad=grad, value_fn=value)
+        flat = optax.apply_updates(flat, updates)
+        # The line search evaluated the objective and its gradient at the accepted point: reuse them.
+        grad = optax.tree.get(state, "grad")
+        return flat, state, grad, it + 1
+
+    state = opt.init(flat0)
+    v0, g0 = value_and_grad(flat0)
+    state = optax.tree.set(state, value=v0, grad=g0)
+    flat, _, grad, it = jax.lax.while_loop(cond, body, (flat0, state, g0, jnp.zeros((), jnp.int32)))
+    return flat, grad, it
+
+
+def train_full_batch(
+    model: nn.Module,
+    variables: PyTree,
+    x,
+    y,
+    *,
+    weight_decay: float,
+    solver: str = "newton",
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    rows=None,
+    linear: PyTree | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    chunk: int = 256,
+) -> tuple[PyTree, FullBatchInfo]:
+    r"""Minimises the recipe's objective on ``rows`` by a full-batch solver, to a gradient tolerance.
+
+    .. math::  L(\theta) = \frac{1}{m} \sum_{i \in \text{rows}} \ell_i(\theta)
+               + \frac{\lambda}{2} \lVert\theta\rVert^2 + \frac{1}{m}\, b^\top \theta,
+
+    ``ℓ_i`` the softmax cross-entropy in eval mode, ``m = |rows|``, ``λ = weight_decay`` over every parameter (the
+    coupled L2 of the SGD recipe, whose fixed point minimises the same objective) and ``b = linear`` (Guo et al.'s
+    objective perturbation; 0 by default). Stops once :math:`\lVert\nabla L(\theta)\rVert \le` ``tol``.
+
+    * ``newton``: damped Newton with the dense Hessian (``P × P``, accumulated in ``chunk``-row batches): a few
+      iterations to machine precision on a convex model (a linear classifier); meant for small ``P``.
+    * ``lbfgs``: ``optax.lbfgs`` with its zoom line search: no ``P × P`` matrix.
+
+    Sums over the rows go through :func:`jaxforget.mesh.data_parallel_sum` (every row of ``x`` is placed once,
+    the rows not trained on with weight 0, so any subset of the same arrays runs the same compiled program). The
+    parameters keep their dtype (float64 variables under ``jax.enable_x64`` give a float64 solve).
+
+    Args:
+      model: a flax module without train-mode state (no ``batch_stats``: eval mode would never update them).
+      variables: initial ``{"params": ...}``.
+      x: ``[n, H, W, C]`` float images; y: ``[n]`` int labels.
+      weight_decay: ``λ ≥ 0``.
+      solver: ``"newton"`` or ``"lbfgs"``.
+      tol: gradient-norm tolerance of the mean-form objective.
+      max_iter: iteration budget.
+      rows: positions to train on (``None``: every row).
+      linear: ``b``, a pytree like the parameters (``None``: no perturbation).
+      mesh: the data-parallel mesh (one device by default).
+      chunk: rows per device per step of a pass.
+
+    Returns:
+      ``(variables, info)`` with ``info`` a :class:`FullBatchInfo` (not converged is reported, not raised).
+
+    Examples:
+      >>> from jaxforget import models
+      >>> model = models.MLP(hidden=(), num_classes=3)
+      >>> rng = np.random.default_rng(0)
+      >>> x, y = rng.uniform(size=(30, 2, 2, 1)).astype(np.float32), np.arange(30) % 3
+      >>> v = models.init_variables(model, jax.random.key(0), (2, 2, 1))
+      >>> _, info = train_full_batch(model, v, x, y, weight_decay=1e-2, tol=1e-5)
+      >>> info.converged
+      True
+    """
+    if solver not in FULL_BATCH_SOLVERS:
+        raise errors.ConfigError(f"solver must be one of {list(FULL_BATCH_SOLVERS)}, got {solver!r}.")
+    extra = sorted(k for k in variables if k != "params")
+    if extra:
+        raise errors.ConfigError(f"The full-batch solvers optimise the eval-mode objective of the parameters only; "
+                                 f"the model also has {extra}, which they would never update: use solver 'sgd'.")
+    mesh = mesh_lib.make_mesh(1) if mesh is None else mesh
+    rows = np.arange(len(x)) if rows is None else np.asarray(rows, np.int64)
+    weights = np.zeros(len(x), np.float32)
+    weights[rows] = 1.0
+    data = mesh_lib.shard_rows((np.asarray(x), np.asarray(y, np.int32), weights), mesh, chunk)
+    params = variables["params"]
+    flat, _ = ravel_pytree(params)
+    dtype = np.dtype(flat.dtype)
+    linear_flat = (jax.device_put(np.zeros(flat.shape, dtype)) if linear is None
+                   else ravel_pytree(linear)[0].astype(dtype))
+    with jax.default_matmul_precision("highest"):
+        params, (iterations, grad_norm, converged) = _full_batch_fn(model, solver, mesh, int(chunk))(
+            params, data, scalar(len(rows), dtype), scalar(weight_decay, dtype), linear_flat, scalar(tol, dtype),
+            scalar(max_iter, np.int32))
+    return {"params": params}, FullBatchInfo(int(iterations), float(grad_norm), bool(converged))

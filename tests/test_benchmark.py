@@ -49,3 +49,27 @@ def test_quick_benchmark_writes_consistent_json(tmp_path):
     ratio = ev["challenge_score_seconds"] / ev["median_forget_seconds"]
     assert ev["challenge_score_over_forget"] == pytest.approx(ratio)
     assert w["readouts"]["solver_memory_bytes"] == {"factor": 0, "removal": 0, "preconditioner": 0}  # plain CG
+
+
+def test_quick_ssse_benchmark_measures_structures_and_per_example_gradients(tmp_path):
+    from configs import ssse_benchmark
+
+    benchmark.run(ssse_benchmark.get_config("quick,calibration=0"), str(tmp_path))
+    out = json.loads((tmp_path / "benchmark.json").read_text())
+    w = out["workloads"]["digits_mlp_gn_block"]
+    assert w["method"] == "ssse" and w["recompilations_between_requests"] == 0
+    assert w["details"]["structure"] == "block" and w["details"]["build_seconds"] > 0
+    for r in w["per_request"]:
+        expected = (w["build_seconds"] + r["forget_seconds"]) / r["retrain"]["retrain"]["seconds"]
+        assert r["forget_plus_build_over_retrain_time"]["retrain"] == pytest.approx(expected, rel=1e-9)
+    k = w["profile"]
+    assert k["per_example_over_batched_throughput"] == pytest.approx(
+        k["batched_mean_grad_seconds"] / k["per_example_grads_seconds"])
+    assert w["readouts"]["retained_objective_grad_norm"] >= 0 and w["readouts"]["mean_example_grad_norm"] > 0
+    st = out["studies"]["structures"]
+    rows, p = st["rows"], st["num_params"]
+    assert rows["dense"]["bytes"] >= 4 * p * p and rows["woodbury"]["bytes"] < rows["dense"]["bytes"] / 10
+    for name in ("sherman_morrison", "sherman_morrison_scan", "sherman_morrison_chunked", "naive_batch1_woodfisher"):
+        assert rows[name]["solve_rel_error_vs_dense"] < 1e-2, name  # float32: the same matrix, inverted another way
+    assert 0 < rows["block"]["solve_rel_error_vs_dense"] < 1  # cross-block curvature ignored
+    assert "| sherman_morrison_chunked |" in benchmark.markdown(out)

@@ -1,6 +1,7 @@
 """The comparison job end to end on tiny data: one validated table, each method against its own gold standard,
 originals and oracles shared by methods that share a retrain, and the oracle cache reused."""
 
+import hashlib
 import json
 import os
 
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 from helpers import TINY_MLP, tiny_data, tiny_method
 
-from jaxforget import compare, report
+from jaxforget import compare, errors, report
 from jaxforget import config as config_lib
+from jaxforget import data as data_lib
 
 pytestmark = pytest.mark.xdist_group("compare")
 
@@ -86,3 +88,79 @@ def test_a_rerun_loads_the_cached_oracles(run, tmp_path):
     assert rep["oracle"]["0"]["mixed_linear"]["population_source"] == "loaded"
     assert first["oracle"]["0"]["mixed_linear"]["source"] == "trained"
     np.testing.assert_equal(rep["data"]["forget_ids_sha256"][0], first["data"]["forget_ids_sha256"][0])
+
+
+# ------------------------------------------------------------------ request selection: by fraction, size or class
+
+
+def _selection(**fields):
+    config = config_lib.compare_job()
+    config.update(fields)
+    return config
+
+
+def test_draw_request_by_size_or_class_forgets_what_it_says():
+    splits = data_lib.get_splits(tiny_data())
+    common, train = splits.user_ids, splits.train
+    labels = train.y[train.index_of(common)]
+    forget, warm, selection = compare.draw_request(_selection(forget_size=7), common, train, seed=0)
+    assert len(forget) == len(warm) == 7 and not np.intersect1d(forget, warm).size
+    assert selection == {"select": "random", "size": 7, "fraction": None, "class": None}
+    forget, warm, selection = compare.draw_request(_selection(forget_class=3), common, train, seed=0)
+    np.testing.assert_array_equal(forget, common[labels == 3])
+    assert len(warm) == len(forget) and not np.isin(warm, common[labels == 3]).any() and np.isin(warm, common).all()
+    assert selection == {"select": "class", "size": len(forget), "fraction": None, "class": 3}
+    # The default is the fraction's draw, unchanged.
+    forget, warm, selection = compare.draw_request(_selection(forget_fraction=0.1), common, train, seed=2)
+    expected = data_lib.draw_disjoint(common, 2, round(0.1 * len(common)), seed=2)
+    np.testing.assert_array_equal(forget, expected[0])
+    np.testing.assert_array_equal(warm, expected[1])
+    assert selection["fraction"] == 0.1 and selection["size"] == len(expected[0])
+
+
+def test_draw_request_refuses_what_the_ids_cannot_satisfy_naming_the_field():
+    splits = data_lib.get_splits(tiny_data())
+    common, train = splits.user_ids, splits.train
+    without_3 = common[train.y[train.index_of(common)] != 3]
+    two_classes = common[np.isin(train.y[train.index_of(common)], (3, 4))]
+    two_classes = two_classes[: np.count_nonzero(train.y[train.index_of(two_classes)] == 3) + 1]  # 3s + one 4
+    table = [(_selection(forget_size=len(common) // 2 + 1), common, r"forget_size = \d+: a request"),
+             (_selection(forget_class=10), common, "forget_class: class 10 is not a label"),
+             (_selection(forget_class=3), without_3, "forget_class: class 3 has no ids"),
+             (_selection(forget_class=3), two_classes, "forget_class = 3: .* warm-up")]
+    for config, ids, match in table:
+        with pytest.raises(errors.ConfigError, match=match):
+            compare.draw_request(config, ids, train, seed=0)
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(forget_size=-1), "forget_size"),
+    (dict(forget_class=-2), "forget_class"),
+    (dict(forget_class=3, forget_size=5), "forget_size"),
+])
+def test_bad_selections_are_refused_naming_the_field(fields, match):
+    config = tiny_config()
+    config.update(fields)
+    with pytest.raises(errors.ConfigError, match=match):
+        config_lib.validate_compare(config)
+
+
+@pytest.mark.parametrize("fields", [dict(forget_size=5), dict(forget_class=3)])
+def test_a_comparison_by_size_or_class_forgets_what_it_says_and_records_it(fields, tmp_path):
+    config = tiny_config()
+    del config.methods["mixed_linear"], config.methods["finetune"]
+    config.seeds = (0,)
+    config.update(fields)
+    rep = compare.run(config, str(tmp_path))
+    train = data_lib.get_splits(config.data).train  # retrain may forget every training id
+    if "forget_class" in fields:
+        expected = np.sort(train.ids[train.y == 3])
+        assert rep["data"]["selection"] == {"select": "class", "size": len(expected), "fraction": None, "class": 3}
+        assert rep["data"]["forget_ids_sha256"] == [hashlib.sha256(expected.astype(np.int64).tobytes()).hexdigest()]
+    else:
+        assert rep["data"]["selection"] == {"select": "random", "size": 5, "fraction": None, "class": None}
+    assert rep["data"]["sizes"]["forget"] == rep["data"]["selection"]["size"]
+    assert rep["config"]["forget_size"] == config.forget_size and rep["config"]["forget_class"] == config.forget_class
+    # Five members are below the cross-validated attack's minimum: reported n/a with the reason, not an error.
+    (cv,) = [r for r in rep["metrics"] if r["name"] == "lr_loss_cv[loss]"]
+    assert (cv["mean"] is None) == ("forget_size" in fields)

@@ -268,3 +268,127 @@ def test_sequential_requests_and_bad_input(linear):
             cfg.max_dense_params = 100
         with pytest.raises(errors.ConfigError, match=message):
             ssse.Ssse(model, splits, cfg, mesh=mesh.make_mesh(1))
+
+
+def test_sherman_morrison_scan_chunks_and_downdate_equal_the_dense_inverse():
+    """Spec §11.3/4: the rank-1 recursion and its chunked form equal the dense inverse (rel. < 1e-8); removing rows
+    by the chunked downdate equals the inverse rebuilt without them; rows that A does not hold trip the guard."""
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(40, 30))
+    shift = 0.3
+    with compat.enable_x64():
+        dense = np.linalg.inv(shift * np.eye(30) + g.T @ g)
+        for chunk in (1, 7, 40):
+            got = np.asarray(curv_lib.sherman_morrison_inverse(jnp.asarray(g), jnp.float64(shift), chunk=chunk))
+            assert np.linalg.norm(got - dense) <= 1e-8 * np.linalg.norm(dense), chunk
+        gone = np.array([3, 7, 9, 21])
+        kept = np.setdiff1d(np.arange(40), gone)
+        rebuilt = np.linalg.inv(shift * np.eye(30) + g[kept].T @ g[kept])
+        down, ok = curv_lib.sherman_morrison_downdate(jnp.asarray(dense), jnp.asarray(g[gone]))
+        assert bool(ok) and np.linalg.norm(np.asarray(down) - rebuilt) <= 1e-8 * np.linalg.norm(rebuilt)
+        _, ok = curv_lib.sherman_morrison_downdate(jnp.asarray(dense), jnp.asarray(3.0 * g[:1]))
+        assert not bool(ok)
+
+
+def test_the_sherman_morrison_structure_holds_the_damped_inverse_and_downdates_it(linear):
+    """The method's Sherman–Morrison structure holds (A + N_0 λ' I)⁻¹ of the dense terms, solves with
+    C⁻¹ = N·(A + N_0 λ' I)⁻¹, and its downdate by the erased samples' rows equals the inverse rebuilt on D_r;
+    a broken curvature is reported by the guard."""
+    splits, model = linear
+    with compat.enable_x64():
+        dense_m = ssse.Ssse(model, splits, config(structure="dense"), mesh=mesh.make_mesh(1))
+        m = ssse.Ssse(model, splits, config(structure="sherman_morrison", chunk=64), mesh=mesh.make_mesh(1))
+        state = float64_state(m)
+        params, curv = state.variables["params"], state.curvature
+        n, p = m.num_train, m.layout.num_params
+        shift_sum = n * (float(curv.damping) + m.config.train.weight_decay)
+        full = np.asarray(dense_m._term_sum(params, {}, np.arange(n)))
+        expected = np.linalg.inv(full + shift_sum * np.eye(p))
+        np.testing.assert_allclose(np.asarray(curv.matrix), expected, rtol=1e-7, atol=1e-9 * np.abs(expected).max())
+        u = np.random.default_rng(1).normal(size=p)
+        got, ok = curv_lib.solve(curv, m.layout, jnp.asarray(u), jnp.float64(m.config.train.weight_decay))
+        assert bool(ok)
+        np.testing.assert_allclose(np.asarray(got), n * expected @ u, rtol=1e-7)
+        erased = np.array([3, 17, 40, 41, 100])
+        down = curv_lib.downdate(curv, m.layout, m._rows(params, {}, m._rows_data(erased)), erased)
+        kept = np.setdiff1d(np.arange(n), erased)
+        rebuilt = np.linalg.inv(np.asarray(dense_m._term_sum(params, {}, kept)) + shift_sum * np.eye(p))
+        np.testing.assert_allclose(np.asarray(down.matrix), rebuilt, rtol=1e-7, atol=1e-9 * np.abs(rebuilt).max())
+        assert int(down.count) == n - len(erased)
+        after, info = m.forget(state, m.forgettable_ids()[erased])
+        assert info.solver == "ssse-gauss_newton-sherman_morrison"
+        np.testing.assert_allclose(np.asarray(after.curvature.matrix), rebuilt, rtol=1e-7,
+                                   atol=1e-9 * np.abs(rebuilt).max())
+        broken = curv.replace(matrix=curv.matrix * 1e6)  # A⁻¹ scaled up: A holds far less than the erased terms
+        with pytest.raises(errors.CurvatureError, match="downdate guard"):
+            m.forget(state.replace(curvature=broken), m.forgettable_ids()[erased])
+
+
+def ridge_problem(n=90, d=5, classes=3, wd=1e-2, seed=0):
+    """Multi-output ridge regression ``L(θ) = (1/n) Σ ½‖W̃ᵀx̃_i − y_i‖² + (λ_wd/2)‖θ‖²`` (x̃ with a bias feature):
+    per-sample losses, their Hessians and the closed-form minimiser on any subset."""
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.normal(size=(n, d)), np.ones((n, 1))], axis=1)
+    y = x @ rng.normal(size=(d + 1, classes)) + 0.3 * rng.normal(size=(n, classes))
+
+    def loss(theta, i):
+        r = jnp.asarray(x[i]) @ theta.reshape(d + 1, classes) - jnp.asarray(y[i])
+        return 0.5 * jnp.sum(r * r)
+
+    def solution(rows):
+        a = x[rows].T @ x[rows] / len(rows) + wd * np.eye(d + 1)
+        return np.linalg.solve(a, x[rows].T @ y[rows] / len(rows)).reshape(-1)
+
+    grad_sum = lambda theta, rows: sum(jax.grad(loss)(theta, i) for i in rows)
+    hess_sum = lambda theta, rows: sum(jax.hessian(loss)(theta, i) for i in rows)
+    return loss, grad_sum, hess_sum, solution, wd
+
+
+def test_ridge_exact_curvature_step_is_the_retrain_and_sequential_requests_equal_their_union():
+    """Spec §11.6/8/11: on a quadratic, the exact (Hessian) curvature downdated by the erased samples and ε = 1 give
+    the closed-form retrain on D_r (rel. < 1e-10) for k = 1 and k = 10; without the λ_wd θ term the step misses it;
+    the erased-only form equals the full-retain-gradient form at the stationary θ*; two sequential requests equal one
+    for their union."""
+    with compat.enable_x64():
+        loss, grad_sum, hess_sum, solution, wd = ridge_problem()
+        n = 90
+        everyone = np.arange(n)
+        theta = jnp.asarray(solution(everyone))
+        lay = curv_lib.layout(theta, "dense")
+        held = curv_lib.Curvature(matrix=hess_sum(theta, everyone), owner=jnp.full(1, -1, jnp.int32),
+                                  count=jnp.int32(n), damping=jnp.float64(0), layout=jnp.zeros(2, jnp.int32),
+                                  params=jnp.zeros(4, jnp.uint32))
+        wd_ = jnp.float64(wd)
+
+        def request(theta, curv, erased, retained_after, *, with_decay=True):
+            curv = curv_lib.downdate(curv, lay, hess_sum(theta, erased), erased)
+            solve = lambda u: curv_lib.solve(curv, lay, u, wd_)
+            k = float(len(erased)) if with_decay else 0.0  # k multiplies the λ_wd θ term only
+            new, ok, _ = ssse.erase_step(theta, grad_sum(theta, erased), k, float(len(retained_after)), wd_, 1.0,
+                                         solve)
+            assert bool(ok)
+            return new, curv
+
+        def rel(a, b):
+            return np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b - np.asarray(theta))
+
+        for erased in (np.array([4]), np.arange(10, 20)):
+            retained = np.setdiff1d(everyone, erased)
+            exact = solution(retained)
+            new, curv = request(theta, held, erased, retained)
+            assert rel(new, exact) < 1e-10
+            without, _ = request(theta, held, erased, retained, with_decay=False)
+            assert rel(without, exact) > 1e-4
+            # At a stationary θ*, Σ_S (g_i + λ_wd θ*) = −n_r ∇L_{D_r}(θ*): the erased-only form is the full form.
+            full_grad = grad_sum(theta, retained) / len(retained) + wd_ * theta
+            full, _ = np.linalg.solve(np.asarray(curv.matrix) / len(retained) + wd * np.eye(len(theta)),
+                                      np.asarray(full_grad)), None
+            np.testing.assert_allclose(np.asarray(theta) - full, np.asarray(new), rtol=1e-10)
+        first, second = np.array([1, 5, 8]), np.array([30, 31, 60, 61, 62])
+        after_first = np.setdiff1d(everyone, first)
+        union = np.setdiff1d(after_first, second)
+        mid, curv = request(theta, held, first, after_first)
+        final, _ = request(mid, curv, second, union)
+        one, _ = request(theta, held, np.concatenate([first, second]), union)
+        np.testing.assert_allclose(np.asarray(final), np.asarray(one), rtol=1e-10)
+        assert rel(final, solution(union)) < 1e-10

@@ -4,8 +4,9 @@
 Adding a method touches its own module, its config file and one line of :data:`METHODS`.
 
 Examples:
-  >>> sorted(METHODS)
-  ['finetune', 'mixed_linear', 'neggrad', 'random_label', 'retrain', 'safe', 'sisa', 'ssse']
+  >>> sorted(METHODS)  # doctest: +NORMALIZE_WHITESPACE
+  ['certified_removal', 'finetune', 'fisher_forgetting', 'mixed_linear', 'neggrad', 'random_label', 'retrain', 'safe',
+   'sisa', 'ssse']
   >>> get_method("mixed_linear").name
   'mixed_linear'
 """
@@ -20,7 +21,17 @@ from jaxforget import mesh as mesh_lib
 from jaxforget import models
 from jaxforget.methods import base
 from jaxforget.methods.base import ForgetInfo, Ledger, Method
-from jaxforget.methods.baselines import ClassifierMethod, ClassifierState, Finetune, NegGrad, RandomLabel, Retrain
+from jaxforget.methods.baselines import (
+    CertifiedRemoval,
+    CertifiedRemovalState,
+    ClassifierMethod,
+    ClassifierState,
+    Finetune,
+    FisherForgetting,
+    NegGrad,
+    RandomLabel,
+    Retrain,
+)
 from jaxforget.methods.mixed_linear import MixedLinear, MixedLinearState
 from jaxforget.methods.safe import Safe, SafeState, Sisa
 from jaxforget.methods.ssse import Ssse, SsseState
@@ -35,6 +46,8 @@ METHODS: dict[str, type[Method]] = {
     "safe": Safe,
     "sisa": Sisa,
     "ssse": Ssse,
+    "fisher_forgetting": FisherForgetting,
+    "certified_removal": CertifiedRemoval,
 }
 
 
@@ -64,7 +77,8 @@ def build(config: ml_collections.ConfigDict, *, splits: data_lib.Splits | None =
     return cls(models.get_model(config.model), splits, config.method, mesh=mesh)
 
 
-__all__ = ["METHODS", "ClassifierMethod", "ClassifierState", "Finetune", "ForgetInfo", "Ledger", "Method",
+__all__ = ["METHODS", "CertifiedRemoval", "CertifiedRemovalState", "ClassifierMethod", "ClassifierState",
+           "Finetune", "FisherForgetting", "ForgetInfo", "Ledger", "Method",
            "MixedLinear", "MixedLinearState", "NegGrad", "RandomLabel", "Retrain", "Safe", "SafeState", "Sisa", "Ssse",
            "SsseState", "base",
            "build", "get_method"]

@@ -18,6 +18,10 @@ Structures (``A`` is held in sum form so that a deletion subtracts its samples' 
   (``[n_blocks, b, b]``, WoodFisher style): cross-block curvature is ignored, memory ``P·b``;
 * ``woodbury``: the rows ``R`` of ``m`` stored samples, :math:`C^{-1}u = \tfrac{1}{\lambda'}(u - G^\top
   (m\lambda' I + G G^\top)^{-1} G u)` with ``G`` the stacked rows (memory ``m·r·P``, one ``mr × mr`` Cholesky);
+* ``sherman_morrison``: the inverse ``(A + N_0 λ' I)⁻¹`` ``[P, P]`` itself (asked for, ``P ≤ max_dense_params``),
+  built by the paper's Sherman–Morrison recursion over the samples' rows (in chunks, :func:`sherman_morrison_update`)
+  and downdated the same way (:func:`sherman_morrison_downdate`, guarded). Its damping is absolute, fixed at the
+  build's ``N_0``: after removing samples the mean-form shift is ``λ' N_0 / n_r`` (the drift of spec §4.3);
 * ``cg``: nothing stored; matrix-free CG on the retained data (needs the training data at erase time).
 
 Examples:
@@ -30,14 +34,12 @@ Examples:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
@@ -47,7 +49,7 @@ PyTree = Any
 Array = jax.Array
 
 KINDS = ("gauss_newton", "empirical_fisher", "hessian")
-STRUCTURES = ("dense", "block", "woodbury", "cg")
+STRUCTURES = ("dense", "block", "woodbury", "cg", "sherman_morrison")  # new ones appended: codes are stored
 
 
 @struct.dataclass
@@ -56,7 +58,8 @@ class Curvature:
 
     Attributes:
       matrix: ``dense``: ``A`` ``[P, P]``; ``block``: ``[n_blocks, b, b]``; ``woodbury``: the stored samples' rows
-        ``[m, r, P]`` (zeros for a removed sample); ``cg``: ``[1]`` (nothing).
+        ``[m, r, P]`` (zeros for a removed sample); ``cg``: ``[1]`` (nothing); ``sherman_morrison``: the inverse
+        ``(A + N_0 λ' I)⁻¹`` ``[P, P]``.
       owner: ``int32[m]`` (``woodbury``): the training position of each stored sample, ``-1`` once removed;
         ``[-1]`` otherwise (checkpoints hold no empty arrays).
       count: ``int32[]`` samples whose terms ``A`` holds (``N``; ``cg``: the retained samples).
@@ -104,20 +107,9 @@ def layout(params: PyTree, structure: str, *, block_size: int = 256) -> Layout:
 # --------------------------------------------------------------------------------------------------
 
 
-def example_loss(model: nn.Module, rest: PyTree) -> Callable[[PyTree, Array, Array], Array]:
-    """``(params, x, y) -> ℓ`` of one example (no batch axis), softmax cross-entropy in eval mode."""
-
-    def loss(params, x, y):
-        logits = model.apply({"params": params, **rest}, x[None], train=False)[0]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
-
-    return loss
-
-
-def weighted_loss_sum(model: nn.Module, rest: PyTree, params: PyTree, x: Array, y: Array, weights: Array) -> Array:
-    """``Σ_i w_i ℓ_i(θ)`` over a batch (eval mode): its gradient is ``Σ_i w_i g_i``, its Hessian ``Σ_i w_i ∇²ℓ_i``."""
-    losses = jax.vmap(example_loss(model, rest), (None, 0, 0))(params, x, y)
-    return jnp.sum(weights.astype(losses.dtype) * losses)
+#: The per-example and weighted-sum cross-entropies (eval mode) every curvature term is built from.
+example_loss = kernels.example_cross_entropy
+weighted_loss_sum = kernels.weighted_cross_entropy_sum
 
 
 def rows(kind: str, model: nn.Module, params: PyTree, rest: PyTree, x: Array, y: Array) -> Array:
@@ -185,6 +177,9 @@ def solve(curv: Curvature, lay: Layout, u: Array, weight_decay: Array) -> tuple[
         ub = jnp.concatenate([u, jnp.zeros(1, u.dtype)])[lay.blocks]
         xb = jax.vmap(lambda c, b: jax.scipy.linalg.cho_solve((c, True), b))(chol, ub)
         out = jnp.zeros(lay.num_params + 1, u.dtype).at[lay.blocks.reshape(-1)].set(xb.reshape(-1))[:-1]
+    elif lay.structure == "sherman_morrison":  # the held inverse, in sum form: C⁻¹ = n · (A + N_0 λ' I)⁻¹
+        out = n * (curv.matrix @ u)
+        return out, jnp.all(jnp.isfinite(out))
     elif lay.structure == "woodbury":
         g = curv.matrix.reshape(-1, lay.num_params)  # removed samples' rows are zero
         small = g @ g.T + n * lam * jnp.eye(g.shape[0], dtype=u.dtype)
@@ -195,15 +190,87 @@ def solve(curv: Curvature, lay: Layout, u: Array, weight_decay: Array) -> tuple[
     return out, jnp.all(jnp.isfinite(chol)) & jnp.all(jnp.isfinite(out))
 
 
+def sherman_morrison_update(inverse: Array, rows_b: Array) -> Array:
+    r"""``(A + G_bᵀG_b)⁻¹`` from ``A⁻¹`` ``[P, P]`` and ``b`` rows ``G_b`` ``[b, P]`` (Woodbury's identity; ``b = 1`` is
+    the Sherman–Morrison rank-1 step of the paper, a larger ``b`` its matmul-friendly chunked form):
+
+    .. math::  (A + G_b^\top G_b)^{-1} = A^{-1} - U (I_b + G_b U)^{-1} U^\top, \qquad U = A^{-1} G_b^\top.
+
+    Zero rows change nothing (padding). ``I_b + G_bU`` is positive definite whenever ``A`` is.
+
+    Examples:
+      >>> inv = sherman_morrison_update(jnp.eye(2), jnp.array([[1.0, 0.0]]))
+      >>> inv.tolist()  # (I + e1 e1ᵀ)⁻¹
+      [[0.5, 0.0], [0.0, 1.0]]
+    """
+    u = inverse @ rows_b.T  # [P, b]
+    chol = jnp.linalg.cholesky(jnp.eye(rows_b.shape[0], dtype=inverse.dtype) + rows_b @ u)
+    w = jax.scipy.linalg.solve_triangular(chol, u.T, lower=True)  # [b, P]: U S⁻¹ Uᵀ = wᵀw
+    out = inverse - w.T @ w
+    return 0.5 * (out + out.T)
+
+
+def sherman_morrison_inverse(rows_: Array, shift_sum: Array, *, chunk: int = 1) -> Array:
+    r"""``(λ_s I + Σ_j r_j r_jᵀ)⁻¹`` ``[P, P]`` from the rows ``[N, P]`` by the Sherman–Morrison recursion: a scan
+    of :func:`sherman_morrison_update` over chunks of ``chunk`` rows (``chunk = 1``: the rank-1 recursion, ``O(N P²)``
+    time, ``O(P²)`` memory), starting from ``λ_s⁻¹ I``.
+
+    Examples:
+      >>> g = jnp.array([[1.0, 2.0], [0.0, 1.0], [3.0, -1.0]])
+      >>> inv = sherman_morrison_inverse(g, jnp.float32(0.5), chunk=2)
+      >>> bool(jnp.allclose(inv, jnp.linalg.inv(0.5 * jnp.eye(2) + g.T @ g), atol=1e-6))
+      True
+    """
+    n, p = rows_.shape
+    pad = -n % chunk
+    blocks = jnp.concatenate([rows_, jnp.zeros((pad, p), rows_.dtype)]).reshape(-1, chunk, p)
+    start = jnp.eye(p, dtype=rows_.dtype) / shift_sum.astype(rows_.dtype)
+    return jax.lax.scan(lambda inv, g: (sherman_morrison_update(inv, g), None), start, blocks)[0]
+
+
+def sherman_morrison_downdate(inverse: Array, rows_b: Array) -> tuple[Array, Array]:
+    r"""``((A − G_bᵀG_b)⁻¹, ok)`` from ``A⁻¹`` (spec §4.3, chunked):
+
+    .. math::  (A - G_b^\top G_b)^{-1} = A^{-1} + U (I_b - G_b U)^{-1} U^\top, \qquad U = A^{-1} G_b^\top,
+
+    defined while ``I_b − G_bU`` is positive definite (``1 − gᵀA⁻¹g > 0`` for one row). ``ok`` is False when its
+    Cholesky factor has a pivot below ``100·eps`` (the guard: the rows' terms are not, numerically, inside ``A``).
+
+    Examples:
+      >>> inv, ok = sherman_morrison_downdate(jnp.array([[0.5, 0.0], [0.0, 1.0]]), jnp.array([[1.0, 0.0]]))
+      >>> inv.tolist(), bool(ok)
+      ([[1.0, 0.0], [0.0, 1.0]], True)
+    """
+    u = inverse @ rows_b.T
+    small = jnp.eye(rows_b.shape[0], dtype=inverse.dtype) - rows_b @ u
+    chol = jnp.linalg.cholesky(0.5 * (small + small.T))
+    pivots = jnp.diagonal(chol)
+    ok = jnp.all(jnp.isfinite(chol)) & jnp.all(pivots * pivots > 100 * jnp.finfo(inverse.dtype).eps)
+    w = jax.scipy.linalg.solve_triangular(chol, u.T, lower=True)
+    out = inverse + w.T @ w
+    return 0.5 * (out + out.T), ok & jnp.all(jnp.isfinite(out))
+
+
 GUARD_MESSAGE = ("The downdate guard tripped: the curvature after removing the erased samples' terms is not positive "
                  "definite (their terms at the current parameters exceed what it held); raise method.damping or use "
                  "method.structure='cg', which reads the retained data instead.")
 
 
+@jax.jit
+def _downdate_or_nan(inverse: Array, rows_b: Array) -> Array:
+    # A failed guard leaves no inverse: solve() then reports the curvature as not positive definite.
+    out, ok = sherman_morrison_downdate(inverse, rows_b)
+    return jnp.where(ok, out, jnp.nan)
+
+
 def downdate(curv: Curvature, lay: Layout, removed: Array | None, positions: np.ndarray) -> Curvature:
     """``curv`` without the terms of the samples at ``positions`` (``removed``: their :func:`term_sum` for
-    ``dense``/``block``; ``woodbury`` zeroes the stored rows of those samples, exactly, whatever the parameters).
+    ``dense``/``block``, their rows ``[b, P]`` for ``sherman_morrison``, whose guard failing leaves NaN that
+    :func:`solve` reports; ``woodbury`` zeroes the stored rows of those samples, exactly, whatever the parameters).
     Every host value it moves is moved explicitly (requests run under a transfer guard)."""
+    if lay.structure == "sherman_morrison":  # removed: the erased samples' rows [b, P]
+        return curv.replace(matrix=_downdate_or_nan(curv.matrix, removed),
+                            count=jax.device_put(np.int32(int(curv.count) - len(positions))))
     if lay.structure == "woodbury":
         owner = np.asarray(curv.owner)
         gone = np.isin(owner, positions)
@@ -237,10 +304,41 @@ def clip_to_psd(matrix: Array) -> tuple[Array, Array]:
     return jnp.einsum("...ij,...j,...kj->...ik", vecs, kept, vecs), clipped
 
 
+def indefinite_blocks(matrix: Array, rtol: float = 1e-6) -> Array:
+    """``bool[n]``: which blocks of ``A`` (``[n, b, b]``, or ``[P, P]`` as one block) have an eigenvalue below
+    ``−rtol·`` their mean diagonal, by a Cholesky factorisation (an order of magnitude cheaper than the
+    eigendecomposition :func:`clip_blocks` then spends on those blocks only). The shift also passes singular PSD
+    blocks (a leaf's last block is padded with zeros)."""
+    m = matrix.reshape(-1, *matrix.shape[-2:])
+    sym = 0.5 * (m + jnp.swapaxes(m, -1, -2))
+    scale = jnp.abs(jnp.trace(sym, axis1=-2, axis2=-1)) / m.shape[-1] + jnp.finfo(m.dtype).tiny
+    eye = jnp.eye(m.shape[-1], dtype=m.dtype)
+    chol = jnp.linalg.cholesky(sym + (rtol * scale)[:, None, None] * eye[None])
+    return ~jnp.all(jnp.isfinite(chol), axis=(-2, -1))
+
+
+def clip_blocks(matrix: Array, index: Array, valid: Array) -> tuple[Array, Array]:
+    """``(A₊, clipped)``: :func:`clip_to_psd` applied to the blocks ``index`` only (``valid`` False marks padding
+    entries of ``index``, which repeat a real one); ``clipped`` is ``Σ|λ₋| / Σ|λ|`` over the whole matrix, the
+    untouched blocks being PSD (their ``Σ|λ|`` is their trace)."""
+    m = matrix.reshape(-1, *matrix.shape[-2:])
+    sym = 0.5 * (m[index] + jnp.swapaxes(m[index], -1, -2))
+    vals, vecs = jnp.linalg.eigh(sym)
+    kept = jnp.maximum(vals, 0)
+    weight = valid.astype(vals.dtype)[:, None]
+    negative = jnp.sum(weight * jnp.abs(vals - kept))
+    touched = jnp.zeros(m.shape[0], bool).at[index].set(True)
+    rest = jnp.sum(jnp.where(touched, 0, jnp.trace(m, axis1=-2, axis2=-1)))
+    total = jnp.sum(weight * jnp.abs(vals)) + rest
+    out = m.at[index].set(jnp.einsum("...ij,...j,...kj->...ik", vecs, kept, vecs))
+    return out.reshape(matrix.shape), negative / jnp.maximum(total, jnp.finfo(vals.dtype).tiny)
+
+
 def nbytes(curv: Curvature) -> int:
     """Bytes the curvature object holds."""
     return int(sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(curv)))
 
 
-__all__ = ["GUARD_MESSAGE", "KINDS", "STRUCTURES", "Curvature", "Layout", "clip_to_psd", "downdate", "example_loss",
-           "layout", "nbytes", "rows", "solve", "term_sum", "trace_sum", "weighted_loss_sum"]
+__all__ = ["GUARD_MESSAGE", "KINDS", "STRUCTURES", "Curvature", "Layout", "clip_blocks", "clip_to_psd", "downdate",
+           "example_loss", "indefinite_blocks", "layout", "nbytes", "rows", "sherman_morrison_downdate",
+           "sherman_morrison_inverse", "sherman_morrison_update", "solve", "term_sum", "trace_sum", "weighted_loss_sum"]

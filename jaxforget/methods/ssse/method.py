@@ -20,7 +20,7 @@ SSSE adds no noise by default and carries no guarantee: it is never reported as 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -64,7 +64,8 @@ def default_config(name: str = "ssse") -> ml_collections.ConfigDict:
         # gauss_newton (default: PSD, and the exact Hessian for the cross-entropy of linear models), empirical_fisher
         # (the paper's), hessian (dense or cg only).
         curvature="gauss_newton",
-        structure="block",  # dense (asked, P ≤ max_dense_params) | block | woodbury | cg (reads D_r at erase time)
+        # dense / sherman_morrison (asked, P ≤ max_dense_params) | block | woodbury | cg (reads D_r at erase time)
+        structure="block",
         epsilon=1.0,  # step scale, 0 ≤ ε ≤ 10 (1: the Newton step)
         # After the first request the erased samples' terms are taken at the current parameters: "clip" projects the
         # downdated dense/block curvature onto the PSD cone and reports the share clipped; "raise": the guard only.
@@ -109,14 +110,16 @@ class Ssse(ClassifierMethod):
         super().__init__(model, splits, config, mesh=mesh)
         like = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), splits.train.x.shape[1:]))
         self.layout = curv_lib.layout(like["params"], config.structure, block_size=int(config.block_size))
-        if config.structure == "dense" and self.layout.num_params > config.max_dense_params:
+        if config.structure in ("dense", "sherman_morrison") and self.layout.num_params > config.max_dense_params:
             raise errors.ConfigError(
-                f"method.structure 'dense' holds a {self.layout.num_params} x {self.layout.num_params} matrix, over "
-                f"method.max_dense_params = {config.max_dense_params}; use 'block', 'woodbury' or 'cg'.")
+                f"method.structure {config.structure!r} holds a {self.layout.num_params} x {self.layout.num_params} "
+                f"matrix, over method.max_dense_params = {config.max_dense_params}; use 'block', 'woodbury' or 'cg'.")
         self.codes = np.array([curv_lib.KINDS.index(config.curvature), curv_lib.STRUCTURES.index(config.structure)],
                               np.int32)
         self._passes: dict = {}
-        self._clip = jax.jit(curv_lib.clip_to_psd)
+        self._solo = next(d for d in self.mesh.devices.flat if d.process_index == jax.process_index())
+        self._indefinite = jax.jit(curv_lib.indefinite_blocks)
+        self._clip = jax.jit(curv_lib.clip_blocks)
 
     # ------------------------------------------------------------------ data-parallel passes
 
@@ -149,6 +152,36 @@ class Ssse(ClassifierMethod):
         kind, model = self.config.curvature, self.model
         fn = self._pass("trace", lambda a, b: curv_lib.trace_sum(kind, model, a[0], a[1], *b))
         return fn((params, rest), self._rows_data(positions))
+
+    def _rows(self, params: PyTree, rest: PyTree, data) -> jax.Array:
+        """The rows ``R_i`` of placed samples ``(x, y, w)`` stacked ``[Σ r, P]`` (padding rows zero)."""
+        if "rows" not in self._passes:
+            kind, model = self.config.curvature, self.model
+
+            def fn(p, r, x, y, w):
+                out = curv_lib.rows(kind, model, p, r, x, y)
+                out = out * w.astype(out.dtype)[:, None, None]
+                return out.reshape(-1, out.shape[-1])
+
+            self._passes["rows"] = jax.jit(fn)
+        return self._passes["rows"](params, rest, *data)
+
+    def _sherman_morrison(self, params: PyTree, rest: PyTree, positions: np.ndarray, shift_sum) -> jax.Array:
+        """``(λ_s I + Σ_{positions} M_i)⁻¹`` by the chunked Sherman–Morrison recursion, streaming the samples in
+        chunks of ``chunk`` (one device: the recursion is sequential)."""
+        chunk = int(self.config.chunk)
+        flat = ravel_pytree(params)[0]
+        inverse = jnp.eye(self.layout.num_params, dtype=flat.dtype) / jnp.asarray(shift_sum, flat.dtype)
+        update = self._passes.setdefault("sm_update", jax.jit(curv_lib.sherman_morrison_update))
+        train = self.splits.train
+        for lo in range(0, len(positions), chunk):
+            part = positions[lo:lo + chunk]
+            pad = chunk - len(part)
+            x = np.concatenate([np.asarray(train.x[part]), np.zeros((pad, *train.x.shape[1:]), train.x.dtype)])
+            y = np.concatenate([np.asarray(train.y[part], np.int32), np.zeros(pad, np.int32)])
+            w = np.concatenate([np.ones(len(part), np.float32), np.zeros(pad, np.float32)])
+            inverse = update(inverse, self._rows(params, rest, jax.device_put((x, y, w))))
+        return inverse
 
     def _grad_sum(self, params: PyTree, rest: PyTree, data) -> PyTree:
         """``Σ_S ∇ℓ_i(θ)``: one backward pass over the erased samples' :meth:`_rows_data` (eval mode)."""
@@ -184,27 +217,43 @@ class Ssse(ClassifierMethod):
 
             def step(params, rest, curvature, grads, k, n_r, wd, eps, data):
                 flat, unravel = ravel_pytree(params)
-                u = grads + k * wd * flat
-                if matvec_sum is None:
-                    x, ok = curv_lib.solve(curvature, lay, u, wd)
-                    iterations = jnp.int32(0)
-                else:
+                iterations = jnp.int32(0)
+
+                def solve(u):
+                    nonlocal iterations
+                    if matvec_sum is None:
+                        return curv_lib.solve(curvature, lay, u, wd)
                     lam = curv_lib.shift(curvature, wd)
                     x, info = kernels.cg_solve(lambda v: matvec_sum((params, rest, v), data) / n_r + lam * v, u,
                                                tol=float(cfg.cg_tol), maxiter=int(cfg.cg_maxiter))
-                    ok, iterations = info.converged & jnp.all(jnp.isfinite(x)), info.iterations
-                delta = eps / n_r * x
-                return unravel(flat + delta), ok, jnp.linalg.norm(delta), iterations
+                    iterations = info.iterations
+                    return x, info.converged & jnp.all(jnp.isfinite(x))
+
+                new, ok, delta = erase_step(flat, grads, k, n_r, wd, eps, solve)
+                return unravel(new), ok, jnp.linalg.norm(delta), iterations
 
             self._passes["step"] = jax.jit(step)
         return self._passes["step"]
 
     # ------------------------------------------------------------------ the curvature
 
+    def _clip_where_needed(self, curvature: curv_lib.Curvature) -> tuple[curv_lib.Curvature, float]:
+        """The downdated dense/block ``A`` with its indefinite blocks projected onto the PSD cone, and the share of
+        the spectrum clipped. Only the blocks a Cholesky test flags are eigendecomposed (their number padded to a
+        power of two so that a stream compiles a handful of programs); none at the build parameters."""
+        bad = np.flatnonzero(np.asarray(self._indefinite(curvature.matrix)))
+        if bad.size == 0:
+            return curvature, 0.0
+        size = 1 << (int(bad.size) - 1).bit_length()
+        index = np.concatenate([bad, np.full(size - bad.size, bad[0])]).astype(np.int32)
+        valid = np.arange(size) < bad.size
+        matrix, share = self._clip(curvature.matrix, jax.device_put(index), jax.device_put(valid))
+        return curvature.replace(matrix=matrix), float(share)
+
     def build_curvature(self, variables: PyTree, retained: np.ndarray, *, seed: int = 0) -> curv_lib.Curvature:
         """The curvature of ``variables`` over the training rows ``retained`` (positions), with its damping
         ``λ = damping · tr(C)/P``; ``woodbury`` stores the rows of ``rank`` of them drawn with ``seed``."""
-        params, rest = _split(variables)
+        params, rest = mesh_lib.replicate(_split(variables), self.mesh)
         lay, cfg = self.layout, self.config
         stored = retained
         if lay.structure == "woodbury":
@@ -218,17 +267,24 @@ class Ssse(ClassifierMethod):
             y = jax.device_put(np.asarray(self.splits.train.y[stored], np.int32))
             matrix = jax.jit(curv_lib.rows, static_argnums=(0, 1))(cfg.curvature, self.model, params, rest, x, y)
             owner = jax.device_put(stored.astype(np.int32))
-        else:
+        else:  # cg holds nothing; sherman_morrison needs the damping first (below)
             matrix, owner = jnp.zeros(1, jnp.float32), jnp.full(1, -1, jnp.int32)
         # tr(Σ M_i) from what is held where it holds it (no second pass over the data): the diagonal of the sum
-        # (blocks: padding entries are zero), or ‖R‖² of the stored rows; the Hessian and cg read the rows' norms.
-        if cfg.curvature == "hessian" or lay.structure == "cg":
+        # (blocks: padding entries are zero), or ‖R‖² of the stored rows; the Hessian, cg and the Sherman–Morrison
+        # inverse (its shift must be known before it is built) read the rows' norms.
+        if cfg.curvature == "hessian" or lay.structure in ("cg", "sherman_morrison"):
             total = self._trace_sum(params, rest, stored)
         elif lay.structure == "woodbury":
             total = jnp.sum(matrix * matrix)
         else:
             total = jnp.sum(jnp.trace(matrix, axis1=-2, axis2=-1))
         damping = np.float32(cfg.damping * float(total) / max(len(stored), 1) / lay.num_params)
+        if lay.structure == "sherman_morrison":  # absolute shift N_0 (λ + λ_wd), fixed from here on
+            shift_sum = len(stored) * (float(damping) + float(cfg.train.weight_decay))
+            if shift_sum <= 0:
+                raise errors.ConfigError("method.structure 'sherman_morrison' starts from (N λ' I)⁻¹: it needs "
+                                         "method.damping > 0 or method.train.weight_decay > 0.")
+            matrix = self._sherman_morrison(params, rest, stored, shift_sum)
         return curv_lib.Curvature(matrix=matrix, owner=owner, count=jnp.int32(len(stored)),
                                   damping=jnp.float32(damping), layout=jnp.asarray(self.codes),
                                   params=_params_key(params))
@@ -277,7 +333,7 @@ class Ssse(ClassifierMethod):
     def abstract_state(self) -> SsseState:
         base_state = super().abstract_state()
         lay, p = self.layout, self.layout.num_params
-        if lay.structure == "dense":
+        if lay.structure in ("dense", "sherman_morrison"):
             shape = (p, p)
         elif lay.structure == "block":
             shape = (lay.blocks.shape[0], lay.blocks.shape[1], lay.blocks.shape[1])
@@ -291,6 +347,55 @@ class Ssse(ClassifierMethod):
                                        count=jnp.int32(0), damping=jnp.float32(0), layout=jnp.asarray(self.codes),
                                        params=jnp.zeros(4, jnp.uint32))  # traceable: abstract_state may be traced
         return SsseState(base_state.variables, base_state.ledger, base_state.key, curvature)
+
+    def warm_up(self, state: SsseState, ids, baselines=()) -> None:
+        """One request (results discarded), and the clip of every power-of-two number of blocks a later request
+        may need (:meth:`_clip_where_needed`), so that timed requests compile nothing."""
+        super().warm_up(state, ids, baselines)
+        if self.layout.structure in ("dense", "block") and self.config.downdate == "clip" \
+                and self.config.curvature != "hessian":
+            matrix = jax.device_put(state.curvature.matrix, self._solo)
+            blocks = 1 if matrix.ndim == 2 else matrix.shape[0]
+            size = 1
+            while True:
+                index = jax.device_put(np.zeros(size, np.int32))
+                jax.block_until_ready(self._clip(matrix, index, jax.device_put(np.zeros(size, bool))))
+                if size >= blocks:
+                    break
+                size *= 2
+
+    def describe(self, state: SsseState) -> dict:
+        from jaxforget.methods.ssse import harness  # pylint: disable=import-outside-toplevel
+
+        return harness.describe(self, state)
+
+    def readouts(self, state: SsseState, last, reference, *, plots_dir=None, seed: int = 0) -> dict:
+        from jaxforget.methods.ssse import harness  # pylint: disable=import-outside-toplevel
+
+        return harness.readouts(self, state)
+
+    def profile(self, state: SsseState, repeats: int = 5) -> dict:
+        from jaxforget.methods.ssse import harness  # pylint: disable=import-outside-toplevel
+
+        return harness.profile(self, state, repeats)
+
+    @classmethod
+    def study(cls, name: str, config: ml_collections.ConfigDict, *, workdir: str | None = None) -> dict:
+        """``structures``: every curvature structure's build, memory and accuracy (:func:`.harness.structures`);
+        ``calibration``: the unrecovered fraction per curvature, ε = 1 and tuned on held-out requests
+        (:func:`.calibration.calibration`)."""
+        if name == "structures":
+            from jaxforget.methods.ssse import harness  # pylint: disable=import-outside-toplevel
+
+            return harness.structures(config.job, samples=int(config.samples), repeats=int(config.repeats),
+                                      rank=int(config.rank), block_size=int(config.block_size),
+                                      chunk=int(config.chunk))
+        if name == "calibration":
+            from jaxforget.methods.ssse import calibration  # pylint: disable=import-outside-toplevel
+
+            out = calibration.calibration(config, workdir=workdir)
+            return {**out, "markdown": out.get("markdown") or calibration.markdown(out)}
+        return super().study(name, config, workdir=workdir)
 
     def unlearn(self, state, *, forget_rows, retain_rows, key):  # the classifier hook; SSSE overrides forget
         raise NotImplementedError("SSSE serves requests through forget().")
@@ -314,16 +419,28 @@ class Ssse(ClassifierMethod):
                 "step towards (retrain from scratch instead).")
         cfg, lay = self.config, self.layout
         start = time.perf_counter()
-        params, rest = _split(state.variables)
+        # Replicated on the mesh whatever the state's placement (fresh, restored, or a previous step's output), so
+        # that every request runs the programs the first one compiled.
+        params, rest = mesh_lib.replicate(_split(state.variables), self.mesh)
         erased = self._rows_data(positions)  # placed once: the gradient and the downdate read the same rows
         grads = ravel_pytree(self._grad_sum(params, rest, erased))[0]
         errors.check_finite(grads, f"gradients of the {len(positions)} erased samples")
-        removed = self._term_sum(params, rest, positions, erased) if lay.structure in ("dense", "block") else None
-        curvature = curv_lib.downdate(state.curvature, lay, removed, positions)
+        removed = None
+        if lay.structure in ("dense", "block"):
+            removed = self._term_sum(params, rest, positions, erased)
+        elif lay.structure == "sherman_morrison":
+            removed = self._rows(params, rest, erased)
+        curvature = state.curvature
+        if lay.structure != "cg":
+            # The factorisations and eigendecompositions run on one local device: replicated over several CPU
+            # devices, jaxlib's batched LAPACK kernels each wait on the shared thread pool for their batch, and
+            # with as many concurrent waits as pool threads they deadlock (besides repeating the same work).
+            params, rest, grads, removed, curvature = jax.device_put((params, rest, grads, removed, curvature),
+                                                                     self._solo)
+        curvature = curv_lib.downdate(curvature, lay, removed, positions)
         clipped = 0.0
-        if removed is not None and cfg.downdate == "clip" and cfg.curvature != "hessian":
-            matrix, share = self._clip(curvature.matrix)
-            curvature, clipped = curvature.replace(matrix=matrix), float(share)
+        if lay.structure in ("dense", "block") and cfg.downdate == "clip" and cfg.curvature != "hessian":
+            curvature, clipped = self._clip_where_needed(curvature)
         data = self._rows_data(retained) if lay.structure == "cg" else None
         dtype = ravel_pytree(params)[0].dtype
         scalar = lambda v: jax.device_put(np.asarray(v, dtype))  # explicit: requests run under a transfer guard
@@ -350,6 +467,36 @@ class Ssse(ClassifierMethod):
                                   "downdate_clipped": clipped})
 
 
+def erase_step(flat: jax.Array, grad_sum: jax.Array, num_erased, num_retained, weight_decay, epsilon,
+               solve: Callable[[jax.Array], tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    r"""SSSE's update on ravelled parameters (spec §3, mean units):
+
+    .. math::  \hat\theta = \theta + \frac{\varepsilon}{n_r} C_r^{-1} u, \qquad
+               u = \sum_{i\in S} \nabla\ell_i(\theta) + k\,\lambda_{wd}\,\theta,
+
+    ``u`` being ``−n_r ∇L_{D_r}(θ)`` when ``θ`` is stationary for the whole training objective.
+
+    Args:
+      flat: ``θ`` ``[P]``.
+      grad_sum: ``Σ_S ∇ℓ_i(θ)`` ``[P]`` (unregularised per-sample losses).
+      num_erased: ``k``. num_retained: ``n_r``. weight_decay: ``λ_wd`` (the training objective's). epsilon: ``ε``.
+      solve: ``u ↦ (C_r⁻¹u, ok)`` with ``C_r`` the mean-unit curvature of the retained objective.
+
+    Returns:
+      ``(θ̂, ok, θ̂ − θ)``.
+
+    Examples:
+      >>> theta = jnp.array([1.0, 2.0])
+      >>> new, ok, delta = erase_step(theta, jnp.array([0.5, 0.0]), 1.0, 4.0, 0.0, 1.0, lambda u: (u / 2, True))
+      >>> new.tolist()
+      [1.0625, 2.0]
+    """
+    u = grad_sum + num_erased * weight_decay * flat
+    x, ok = solve(u)
+    delta = epsilon / num_retained * x
+    return flat + delta, ok, delta
+
+
 def _split(variables: PyTree) -> tuple[PyTree, PyTree]:
     return variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
@@ -360,4 +507,4 @@ def _params_key(params: PyTree) -> jax.Array:
     return jax.device_put(np.frombuffer(digest, "<u4").astype(np.uint32))
 
 
-__all__ = ["Ssse", "SsseState", "default_config"]
+__all__ = ["Ssse", "SsseState", "default_config", "erase_step"]

@@ -10,7 +10,13 @@ only says how a request changes the weights (:meth:`ClassifierMethod.unlearn`):
 * ``neggrad``: gradient ascent on ``D_f``; with ``retain_weight = α > 0`` NegGrad+, ``α·CE(D_r) − (1−α)·CE(D_f)``
   with a retain and a forget batch in every step (Kurmanji et al., SCRUB, NeurIPS 2023);
 * ``random_label``: fine-tuning with ``D_f`` relabelled uniformly at random among the wrong classes, on ``D_r ∪ D_f``
-  (``use_retain=False``: on ``D_f`` only) (Graves et al., AAAI 2021; the "RL" baseline of SalUn).
+  (``use_retain=False``: on ``D_f`` only) (Graves et al., AAAI 2021; the "RL" baseline of SalUn);
+* ``fisher_forgetting`` (:mod:`.fisher_forgetting`) and ``certified_removal`` (:mod:`.certified_removal`) live in
+  their own modules.
+
+The recipe's ``solver`` is ``"sgd"`` (the minibatch recipe above, the default) or a full-batch solver of the same
+objective, ``(1/n) Σ ℓ_i + (λ_wd/2)‖θ‖²`` (:func:`jaxforget.train.train_full_batch`: ``"newton"`` or ``"lbfgs"`` to
+a gradient tolerance ``tol``), which a convex model needs for a Newton removal step to be the exact removal.
 
 Every batch is drawn from the full training arrays through fixed-shape plans, so a stream of requests compiles once.
 Without a key, a request's randomness (data order, random labels) comes from the original's key and the request
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +37,8 @@ import ml_collections
 import numpy as np
 from flax import struct
 
-from jaxforget import models, train
+from jaxforget import errors, models, train
+from jaxforget import mesh as mesh_lib
 from jaxforget.methods import base
 
 PyTree = Any
@@ -52,13 +60,36 @@ class ClassifierState:
 
 
 def recipe_config() -> ml_collections.ConfigDict:
-    """The ``train`` recipe of the original and of its retrain."""
+    """The ``train`` recipe of the original and of its retrain.
+
+    ``solver``: ``"sgd"`` (``epochs`` of SGD + momentum with the cosine schedule) or a full-batch solver of the same
+    objective, ``"newton"`` / ``"lbfgs"``, run until the gradient norm of the mean-form objective is at most ``tol``
+    (or ``max_iter`` iterations; the SGD fields are then unused).
+    """
     return ml_collections.ConfigDict(dict(epochs=30, batch_size=64, learning_rate=0.05, momentum=0.9,
-                                          weight_decay=5e-4))
+                                          weight_decay=5e-4, solver="sgd", tol=1e-6, max_iter=100))
+
+
+#: The recipe's solvers: the minibatch recipe, then :data:`jaxforget.train.FULL_BATCH_SOLVERS`.
+SOLVERS = ("sgd", *train.FULL_BATCH_SOLVERS)
+
+
+def recipe_key(recipe: ml_collections.ConfigDict) -> dict:
+    """The fields of a ``train`` recipe that determine what it trains: an SGD recipe ignores the full-batch solver's
+    fields, so its key (and every oracle cached or state bound under it) is the one it had before they existed."""
+    out = recipe.to_dict()
+    if out.get("solver", "sgd") == "sgd":
+        for field in ("solver", "tol", "max_iter"):
+            out.pop(field, None)
+    return out
 
 
 class ClassifierMethod(base.Method, abc.ABC):
     """A method whose state is an ordinary trained classifier (see the module docstring)."""
+
+    def __init__(self, model, splits, config, *, mesh=None):
+        super().__init__(model, splits, config, mesh=mesh)
+        self._programs: dict = {}  # the jitted passes and steps of this method object, by name (:meth:`_jitted`)
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
@@ -73,24 +104,55 @@ class ClassifierMethod(base.Method, abc.ABC):
         base.check_range(t.learning_rate, "method.train.learning_rate", low=0, low_open=True)
         base.check_range(t.momentum, "method.train.momentum", low=0, high=1)
         base.check_range(t.weight_decay, "method.train.weight_decay", low=0)
+        base.check_choice(t.solver, SOLVERS, "method.train.solver")
+        base.check_range(t.tol, "method.train.tol", low=0, low_open=True)
+        base.check_range(t.max_iter, "method.train.max_iter", low=1)
 
     # ------------------------------------------------------------------ the recipe
 
+    def _linear_term(self, key: jax.Array) -> PyTree | None:
+        """A linear term ``b`` of the training objective drawn from the recipe's key (``(1/n) bᵀθ``, full-batch
+        solvers only); ``None`` for the plain recipe."""
+        del key
+        return None
+
     def _recipe(self, key: jax.Array, rows: np.ndarray, desc: str) -> PyTree:
         """The ``train`` recipe from the initialisation and data order of ``key`` on ``rows``."""
+        return self._fit_recipe(key, rows, desc)[0]
+
+    def _fit_recipe(self, key: jax.Array, rows: np.ndarray, desc: str) -> tuple[PyTree, dict]:
+        """:meth:`_recipe` and its work ``{"steps", "examples"}``: SGD steps and the examples they read, or the
+        full-batch solver's iterations, each counted as one pass over ``rows`` (its curvature and line-search
+        passes aside)."""
         t = self.config.train
         init_key, order_key = jax.random.split(key)
         train_set = self.splits.train
         variables = models.init_variables(self.model, init_key, train_set.x.shape[1:])
+        if t.solver != "sgd":
+            variables, info = train.train_full_batch(
+                self.model, variables, train_set.x, train_set.y, rows=rows, weight_decay=t.weight_decay,
+                solver=t.solver, tol=t.tol, max_iter=t.max_iter, linear=self._linear_term(key), mesh=self.mesh)
+            errors.check_finite(variables, f"weights trained by method.train.solver {t.solver!r} ({desc})")
+            if not info.converged:
+                warnings.warn(f"{desc}: method.train.solver {t.solver!r} stopped after {info.iterations} iterations "
+                              f"at gradient norm {info.grad_norm:.3e} > method.train.tol {t.tol:g}; raise "
+                              "method.train.max_iter (a removal step that assumes a stationary model is then "
+                              "biased).", RuntimeWarning, stacklevel=3)
+            return variables, {"steps": info.iterations, "examples": info.iterations * len(rows)}
         variables, _ = train.train_classifier(
             self.model, variables, train_set.x, train_set.y, rows=rows, epochs=t.epochs, batch_size=t.batch_size,
             learning_rate=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay,
             seed=base.seed_of(order_key), desc=desc)
-        return variables
+        batch = min(t.batch_size, len(rows))
+        steps = t.epochs * (len(rows) // batch)
+        return variables, {"steps": steps, "examples": steps * batch}
 
     def _recipe_population(self, keys: Sequence[jax.Array], rows: np.ndarray, desc: str) -> list[PyTree]:
-        """:meth:`_recipe` for many keys in one vmapped program (equal to the loop up to float reassociation)."""
+        """:meth:`_recipe` for many keys in one vmapped program (equal to the loop up to float reassociation); a loop
+        for the full-batch solvers (each converges in its own number of iterations)."""
         t = self.config.train
+        if t.solver != "sgd":
+            return [self._recipe(k, rows, desc=f"{desc} {i + 1}/{len(keys)}") for i, k in enumerate(keys)]
         split = [jax.random.split(k) for k in keys]
         shape = self.splits.train.x.shape[1:]
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
@@ -125,7 +187,7 @@ class ClassifierMethod(base.Method, abc.ABC):
 
     def retrain_key(self) -> dict:
         # Every classifier baseline with the same model and recipe has the same original and the same retrain.
-        return {"family": "classifier", "model": repr(self.model), "train": self.config.train.to_dict()}
+        return {"family": "classifier", "model": repr(self.model), "train": recipe_key(self.config.train)}
 
     # ------------------------------------------------------------------ contract
 
@@ -155,15 +217,18 @@ class ClassifierMethod(base.Method, abc.ABC):
         seconds = time.perf_counter() - start
         new_state = ClassifierState(variables, new_ledger, state.key)
         examples = work.pop("examples", 0)
+        noiseless = work.pop("noiseless", None)
         return new_state, base.ForgetInfo(
             request=request, num_forgotten=len(positions), num_retained=len(retain), seconds=seconds,
             passes=examples / max(len(retain), 1), solver=self.name, iterations=work.pop("steps", 0),
-            residual=work.pop("residual", None), notes=work)
+            residual=work.pop("residual", None), notes=work,
+            noiseless=None if noiseless is None else ClassifierState(noiseless, new_ledger, state.key))
 
     @abc.abstractmethod
     def unlearn(self, state: ClassifierState, *, forget_rows: np.ndarray, retain_rows: np.ndarray,
                 key: jax.Array) -> tuple[PyTree, dict]:
-        """New variables after forgetting; also ``{"steps", "examples", ...notes}`` (work done).
+        """New variables after forgetting; also ``{"steps", "examples", ...notes}`` (work done), and optionally
+        ``"residual"`` and ``"noiseless"`` (the variables before the method's noise, for evaluation only).
 
         Args:
           state: the state before the request.
@@ -196,6 +261,30 @@ class ClassifierMethod(base.Method, abc.ABC):
                                  weight_decay=c.weight_decay, desc=desc)
         return variables
 
+    def _place_rows(self, positions: np.ndarray, chunk: int):
+        """``(x, y, w)`` of the training rows ``positions``, sharded over the mesh, padded with weight-0 rows to a
+        power-of-two number of ``chunk``-row batches per device (a stream of request sizes compiles a few
+        programs)."""
+        unit = self.mesh.size * chunk
+        batches = max(1, -(-len(positions) // unit))
+        pad = unit * (1 << (batches - 1).bit_length()) - len(positions)
+        train_set = self.splits.train
+        x = np.concatenate([np.asarray(train_set.x[positions]),
+                            np.zeros((pad, *train_set.x.shape[1:]), train_set.x.dtype)])
+        y = np.concatenate([np.asarray(train_set.y[positions], np.int32), np.zeros(pad, np.int32)])
+        w = np.concatenate([np.ones(len(positions), np.float32), np.zeros(pad, np.float32)])
+        return mesh_lib.shard_rows((x, y, w), self.mesh, chunk)
+
+    def _jitted(self, name: str, make):
+        """``jax.jit(make())``, built once per name: a stream of requests reuses its compiled programs."""
+        if name not in self._programs:
+            self._programs[name] = jax.jit(make())
+        return self._programs[name]
+
+    def _data_pass(self, name: str, batch_fn, chunk: int):
+        """``jit(data_parallel_sum(batch_fn))`` over :meth:`_place_rows` data, built once per name."""
+        return self._jitted(name, lambda: mesh_lib.data_parallel_sum(batch_fn, self.mesh, chunk))
+
 
 def _unlearn_config(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
     """The recipe config plus an unlearning optimiser (``epochs`` of SGD at ``learning_rate``) and ``fields``."""
@@ -218,11 +307,9 @@ class Retrain(ClassifierMethod):
 
     def unlearn(self, state, *, forget_rows, retain_rows, key):
         del forget_rows, key  # the recipe's own key: forget() equals retrain() exactly
-        t = self.config.train
-        variables = self._recipe(jax.random.wrap_key_data(state.key), retain_rows, desc="retrain")
-        steps = t.epochs * (len(retain_rows) // min(t.batch_size, len(retain_rows)))
+        variables, work = self._fit_recipe(jax.random.wrap_key_data(state.key), retain_rows, desc="retrain")
         # Residual 0: this is the gold standard itself (the recipe from scratch on the retained data).
-        return variables, {"steps": steps, "examples": steps * min(t.batch_size, len(retain_rows)), "residual": 0.0}
+        return variables, {**work, "residual": 0.0}
 
 
 class Finetune(ClassifierMethod):
