@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from jaxforget import compat, distributional, experiment, methods, report, timing
+from jaxforget import mesh as mesh_lib
 from jaxforget import soak as soak_lib
 
 
@@ -113,8 +114,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"== workload {name}", flush=True)
         results[name] = workload(name, job, os.path.join(workdir, name), int(config.repeats))
     soaks = config.get("soak") or ml_collections.ConfigDict(dict(jobs={}))
-    first_job = next(iter([*workloads.values(), *soaks.jobs.values()]))
-    env = experiment.environment(methods.build(first_job).mesh)
+    first_job = next(iter([*workloads.values(), *soaks.jobs.values()]), None)
+    env = experiment.environment(mesh_lib.make_mesh() if first_job is None else methods.build(first_job).mesh)
     out = {"environment": env, "targets": (config.get("targets") or ml_collections.ConfigDict()).to_dict(),
            "workloads": results, "studies": {}}
     for name, job in soaks.jobs.items():
@@ -168,12 +169,13 @@ def markdown(out: dict) -> str:
     lines = [f"device: {env['device_kind']} × {env['num_devices']}; jax {env['jax']}", ""]
     if out.get("soak"):
         lines += [soak_lib.markdown(out["soak"]), ""]
-    if not out["workloads"]:
+    if not out["workloads"] and not out.get("studies"):
         return "\n".join(lines).rstrip()
-    lines += ["| workload | method | solver | details | build s | iterations | passes | forget s | amortised s | "
-             "rel. error | influence left | " + " | ".join(f"forget / {b} time" for b in names)
-             + " | recompiles |",
-             "|" + "---|" * (11 + len(names) + 1)]
+    if out["workloads"]:
+        lines += ["| workload | method | solver | details | build s | iterations | passes | forget s | amortised s | "
+                  "rel. error | influence left | " + " | ".join(f"forget / {b} time" for b in names)
+                  + " | recompiles |",
+                  "|" + "---|" * (11 + len(names) + 1)]
     for name, w in out["workloads"].items():
         reqs = w["per_request"]
         summary = {**(w["details"].get("summary") or {}), **((w.get("readouts") or {}).get("summary") or {}),

@@ -33,7 +33,7 @@ from jax.flatten_util import ravel_pytree
 from jaxforget import errors, fingerprint, kernels, models
 from jaxforget import mesh as mesh_lib
 from jaxforget.methods import base
-from jaxforget.methods.baselines import ClassifierMethod, recipe_config
+from jaxforget.methods.baselines import ClassifierMethod, recipe_config, recipe_key
 from jaxforget.methods.ssse import curvature as curv_lib
 
 PyTree = Any
@@ -116,7 +116,6 @@ class Ssse(ClassifierMethod):
                 f"matrix, over method.max_dense_params = {config.max_dense_params}; use 'block', 'woodbury' or 'cg'.")
         self.codes = np.array([curv_lib.KINDS.index(config.curvature), curv_lib.STRUCTURES.index(config.structure)],
                               np.int32)
-        self._passes: dict = {}
         self._solo = next(d for d in self.mesh.devices.flat if d.process_index == jax.process_index())
         self._indefinite = jax.jit(curv_lib.indefinite_blocks)
         self._clip = jax.jit(curv_lib.clip_blocks)
@@ -124,23 +123,12 @@ class Ssse(ClassifierMethod):
     # ------------------------------------------------------------------ data-parallel passes
 
     def _pass(self, name: str, batch_fn):
-        """``jit(data_parallel_sum(batch_fn))``, built once per name."""
-        if name not in self._passes:
-            self._passes[name] = jax.jit(mesh_lib.data_parallel_sum(batch_fn, self.mesh, int(self.config.chunk)))
-        return self._passes[name]
+        """``jit(data_parallel_sum(batch_fn))`` in chunks of ``chunk`` rows per device, built once per name."""
+        return self._data_pass(name, batch_fn, int(self.config.chunk))
 
     def _rows_data(self, positions: np.ndarray):
-        """``(x, y, w)`` of the training rows ``positions``, sharded; padded (weight 0) to a power-of-two number of
-        chunks per device so that a stream of request sizes compiles a handful of programs."""
-        unit = self.mesh.size * int(self.config.chunk)
-        chunks = max(1, -(-len(positions) // unit))
-        size = unit * (1 << (chunks - 1).bit_length())
-        pad = size - len(positions)
-        train = self.splits.train
-        x = np.concatenate([np.asarray(train.x[positions]), np.zeros((pad, *train.x.shape[1:]), train.x.dtype)])
-        y = np.concatenate([np.asarray(train.y[positions], np.int32), np.zeros(pad, np.int32)])
-        w = np.concatenate([np.ones(len(positions), np.float32), np.zeros(pad, np.float32)])
-        return mesh_lib.shard_rows((x, y, w), self.mesh, int(self.config.chunk))
+        """``(x, y, w)`` of the training rows ``positions`` (:meth:`ClassifierMethod._place_rows`)."""
+        return self._place_rows(positions, int(self.config.chunk))
 
     def _term_sum(self, params: PyTree, rest: PyTree, positions: np.ndarray, data=None) -> jax.Array:
         """``Σ_i M_i`` over the rows ``positions`` (``data``: their :meth:`_rows_data`, if already placed)."""
@@ -155,16 +143,16 @@ class Ssse(ClassifierMethod):
 
     def _rows(self, params: PyTree, rest: PyTree, data) -> jax.Array:
         """The rows ``R_i`` of placed samples ``(x, y, w)`` stacked ``[Σ r, P]`` (padding rows zero)."""
-        if "rows" not in self._passes:
-            kind, model = self.config.curvature, self.model
+        kind, model = self.config.curvature, self.model
 
+        def make():
             def fn(p, r, x, y, w):
                 out = curv_lib.rows(kind, model, p, r, x, y)
                 out = out * w.astype(out.dtype)[:, None, None]
                 return out.reshape(-1, out.shape[-1])
+            return fn
 
-            self._passes["rows"] = jax.jit(fn)
-        return self._passes["rows"](params, rest, *data)
+        return self._jitted("rows", make)(params, rest, *data)
 
     def _sherman_morrison(self, params: PyTree, rest: PyTree, positions: np.ndarray, shift_sum) -> jax.Array:
         """``(λ_s I + Σ_{positions} M_i)⁻¹`` by the chunked Sherman–Morrison recursion, streaming the samples in
@@ -172,7 +160,7 @@ class Ssse(ClassifierMethod):
         chunk = int(self.config.chunk)
         flat = ravel_pytree(params)[0]
         inverse = jnp.eye(self.layout.num_params, dtype=flat.dtype) / jnp.asarray(shift_sum, flat.dtype)
-        update = self._passes.setdefault("sm_update", jax.jit(curv_lib.sherman_morrison_update))
+        update = self._jitted("sm_update", lambda: curv_lib.sherman_morrison_update)
         train = self.splits.train
         for lo in range(0, len(positions), chunk):
             part = positions[lo:lo + chunk]
@@ -211,7 +199,7 @@ class Ssse(ClassifierMethod):
     def _step_fn(self):
         """The jitted step ``(params, curvature, Σ_S g_i, k, n_r, λ_wd, ε, data) -> (θ̂, ok, ‖Δθ‖, iterations)``
         (``data``: the retained rows, read by ``cg`` only)."""
-        if "step" not in self._passes:
+        if "step" not in self._programs:
             lay, cfg = self.layout, self.config
             matvec_sum = self._matvec_sum() if lay.structure == "cg" else None
 
@@ -232,8 +220,8 @@ class Ssse(ClassifierMethod):
                 new, ok, delta = erase_step(flat, grads, k, n_r, wd, eps, solve)
                 return unravel(new), ok, jnp.linalg.norm(delta), iterations
 
-            self._passes["step"] = jax.jit(step)
-        return self._passes["step"]
+            self._programs["step"] = jax.jit(step)
+        return self._programs["step"]
 
     # ------------------------------------------------------------------ the curvature
 
@@ -327,7 +315,7 @@ class Ssse(ClassifierMethod):
                 for s in super().retrain_population(state, keys)]
 
     def retrain_key(self) -> dict:
-        return {"family": "ssse", "model": repr(self.model), "train": self.config.train.to_dict(),
+        return {"family": "ssse", "model": repr(self.model), "train": recipe_key(self.config.train),
                 "curvature": {k: self.config[k] for k in ("curvature", "structure", "damping", "block_size", "rank")}}
 
     def abstract_state(self) -> SsseState:
