@@ -413,42 +413,39 @@ def _study_model(name: str, config: ml_collections.ConfigDict, splits: data_lib.
 def _setting(name, config, sec, model, splits, variables, obj, theta, entry, setting, both, steps, gold, weights,
              dampings, x_test, test_logits) -> dict:
     """One row of the table: tuning on the tuning requests' steps, readouts on the evaluated ones."""
-    epsilons = [float(e) for e in config.epsilons]
     shifts = {role: [gold[(setting, role, i)] - theta for i in range(len(both[role]))] for role in steps}
     grid = {(lam, eps): float(np.mean([_unrecovered(s[lam], sh, eps) for s, sh in
                                        zip(steps["tuning"], shifts["tuning"], strict=True)]))
-            for lam in dampings for eps in epsilons}
+            for lam in dampings for eps in map(float, config.epsilons)}
     lam_t, eps_t = min(grid, key=grid.get)
-    ref = float(sec.damping)
+    ref, guo = float(sec.damping), name == "logreg" and not entry.startswith("empirical_fisher") and sec.damping == 0
     rec = {k: [] for k in ("u1", "ut", "uo", "eo", "r0", "r1", "rt", "guo", "guo_res")}
     out_space = {f"{where}_{which}": [] for where in ("test", "forget") for which in ("original", "epsilon_1", "tuned")}
     for i, ids in enumerate(both["evaluated"]):
         shift, w = shifts["evaluated"][i], weights[(setting, "evaluated", i)]
         d1, dt = steps["evaluated"][i][ref], steps["evaluated"][i][lam_t]
+        residual = lambda point, w=w: float(np.linalg.norm(np.asarray(obj.grad(point, jnp.asarray(w)))))
         rec["u1"].append(_unrecovered(d1, shift, 1.0))
-        rec["ut"].append(_unrecovered(dt, shift, eps_t) if grid[(lam_t, eps_t)] < math.inf else None)
-        jw = jnp.asarray(w)
-        rec["r0"].append(float(np.linalg.norm(np.asarray(obj.grad(theta, jw)))))
-        x_forget = jnp.asarray(splits.train.x[np.searchsorted(splits.train.ids, ids)], jnp.float64)
-        gold_logits = {"test": np.asarray(obj.logits(gold[(setting, "evaluated", i)], x_test)),
-                       "forget": np.asarray(obj.logits(gold[(setting, "evaluated", i)], x_forget))}
+        rec["r0"].append(residual(theta))
         points = {"original": theta}
         if d1 is not None:
-            eo = float(d1 @ shift / (d1 @ d1))
-            rec["eo"].append(eo)
-            rec["uo"].append(_unrecovered(d1, shift, eo))
+            rec["eo"].append(float(d1 @ shift / (d1 @ d1)))
+            rec["uo"].append(_unrecovered(d1, shift, rec["eo"][-1]))
             points["epsilon_1"] = theta + d1
-            rec["r1"].append(float(np.linalg.norm(np.asarray(obj.grad(theta + d1, jw)))))
-            if name == "logreg" and entry.split("/")[0] != "empirical_fisher" and ref == 0.0:
+            rec["r1"].append(residual(points["epsilon_1"]))
+            if guo:
                 rec["guo"].append(_guo_bound(model, variables["params"], splits.train, np.flatnonzero(w), d1))
                 rec["guo_res"].append(rec["r1"][-1] * float(w.sum()))
-        if dt is not None and rec["ut"][-1] is not None:
+        if dt is not None and math.isfinite(grid[(lam_t, eps_t)]):  # else every pair failed on the tuning requests
+            rec["ut"].append(_unrecovered(dt, shift, eps_t))
             points["tuned"] = theta + eps_t * dt
-            rec["rt"].append(float(np.linalg.norm(np.asarray(obj.grad(points["tuned"], jw)))))
-        for which, point in points.items():
-            for where, xs in (("test", x_test), ("forget", x_forget)):
-                logits = test_logits if (which == "original" and where == "test") else np.asarray(obj.logits(point, xs))
-                out_space[f"{where}_{which}"].append(evaluate.activation_distance(logits, gold_logits[where]))
+            rec["rt"].append(residual(points["tuned"]))
+        x_forget = jnp.asarray(splits.train.x[np.searchsorted(splits.train.ids, ids)], jnp.float64)
+        for where, xs in (("test", x_test), ("forget", x_forget)):
+            reference = np.asarray(obj.logits(gold[(setting, "evaluated", i)], xs))
+            for which, point in points.items():
+                logits = test_logits if (which, where) == ("original", "test") else np.asarray(obj.logits(point, xs))
+                out_space[f"{where}_{which}"].append(evaluate.activation_distance(logits, reference))
     row = {"unrecovered": _stats(rec["u1"]), "damping": ref, "failed": sum(u == math.inf for u in rec["u1"]),
            "tuned_epsilon": eps_t, "tuned_damping": lam_t,
            "tuning_unrecovered": grid[(lam_t, eps_t)] if math.isfinite(grid[(lam_t, eps_t)]) else None,
@@ -456,9 +453,8 @@ def _setting(name, config, sec, model, splits, variables, obj, theta, entry, set
            "unrecovered_oracle": _stats(rec["uo"]), "residual_grad_norm": _stats(rec["r1"]),
            "residual_grad_norm_tuned": _stats(rec["rt"]), "residual_grad_norm_original": _stats(rec["r0"]),
            "activation_distance": {k: _stats(v) for k, v in out_space.items()}}
-    if rec["guo"]:
-        row["guo_bound_sum_form"] = _stats(rec["guo"])
-        row["residual_sum_form"] = _stats(rec["guo_res"])
+    if rec["guo"]:  # the exact Newton step only (exact curvature, no damping)
+        row["guo_bound_sum_form"], row["residual_sum_form"] = _stats(rec["guo"]), _stats(rec["guo_res"])
     return row
 
 
@@ -507,15 +503,9 @@ def calibration(config: ml_collections.ConfigDict, *, workdir: str | None = None
     return result
 
 
-def _fmt(s: dict | None) -> str:
-    if s is None:
-        return "—"
-    return f"{s['mean']:.3g} ({s['min']:.3g}–{s['max']:.3g})"
-
-
 def markdown(result: dict) -> str:
     """Markdown tables, one per model: mean (min–max) over the evaluated requests."""
-    lines = []
+    lines, _fmt = [], lambda s: "—" if s is None else f"{s['mean']:.3g} ({s['min']:.3g}–{s['max']:.3g})"
     for name, res in result["models"].items():
         st = res["stationarity"]
         lines += [f"**{name}** (P = {res['num_params']}, n = {res['num_train']}, λ_wd = {res['weight_decay']:g}, "
