@@ -616,6 +616,16 @@ def _make_init(model: nn.Module, shape: tuple[int, ...]) -> Callable:
 _cached_init = functools.lru_cache(maxsize=32)(_make_init)
 
 
+def split_variables(variables: dict) -> tuple[PyTree, dict]:
+    """``(params, rest)``: a model's trainable parameters and its other collections (e.g. BatchNorm statistics).
+
+    Examples:
+      >>> split_variables({"params": 1, "batch_stats": 2})
+      (1, {'batch_stats': 2})
+    """
+    return variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+
 def count_params(params: PyTree) -> int:
     """Total number of scalars in a pytree of arrays.
 

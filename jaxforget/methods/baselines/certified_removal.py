@@ -24,9 +24,6 @@ from jaxforget.methods.baselines.classifier import ClassifierMethod, ClassifierS
 PyTree = Any
 
 
-def _split(variables: PyTree) -> tuple[PyTree, PyTree]:
-    return variables["params"], {k: v for k, v in variables.items() if k != "params"}
-
 
 
 #: ``c`` in the residual bound ``β = c ‖X̃_r‖₂ max_i‖δ_i‖ ‖X̃_r ΔW‖_F`` of the multinomial logistic loss (see

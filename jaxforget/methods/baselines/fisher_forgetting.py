@@ -14,16 +14,13 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from jaxforget import errors, kernels, train
+from jaxforget import errors, kernels, models, train
 from jaxforget.kernels import example_cross_entropy as example_loss
 from jaxforget.methods import base
 from jaxforget.methods.baselines.classifier import ClassifierMethod, ClassifierState
 
 PyTree = Any
 
-
-def _split(variables: PyTree) -> tuple[PyTree, PyTree]:
-    return variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
 
 
@@ -158,7 +155,7 @@ class FisherForgetting(ClassifierMethod):
 
     def fisher_diagonal(self, variables: PyTree, rows: np.ndarray) -> PyTree:
         """The mean diagonal Fisher ``F`` of the training rows ``rows`` at ``variables`` (like the params)."""
-        params, rest = _split(variables)
+        params, rest = models.split_variables(variables)
         model, chunk = self.model, int(self.config.chunk)
         fn = self._data_pass("fisher", lambda a, b: fisher_diagonal_sum(model, a[1], a[0], *b), chunk)
         total = fn((params, rest), self._place_rows(rows, chunk))

@@ -35,9 +35,6 @@ if TYPE_CHECKING:
 PyTree = Any
 
 
-def _split(variables: PyTree) -> tuple[PyTree, PyTree]:
-    return variables["params"], {k: v for k, v in variables.items() if k != "params"}
-
 
 def describe(method: Ssse, state: SsseState) -> dict:
     """The curvature of ``state`` and the time one build of it takes (the amortised precompute of a stream)."""
@@ -55,7 +52,7 @@ def describe(method: Ssse, state: SsseState) -> dict:
 def readouts(method: Ssse, state: SsseState) -> dict:
     r"""``‖∇L_{D_r}(θ)‖`` with ``L_{D_r} = (1/n_r) Σ_{D_r} ℓ_i + (λ_wd/2)‖θ‖²``, and the mean ``‖∇ℓ_i(θ)‖`` over
     ``D_r``: 0 at the retrain's optimum; the erased-only step assumes it small before each request."""
-    params, rest = mesh_lib.replicate(_split(state.variables), method.mesh)
+    params, rest = mesh_lib.replicate(models.split_variables(state.variables), method.mesh)
     retained = method.retained_positions(state)
     data = method._rows_data(retained)  # pylint: disable=protected-access
     grad = ravel_pytree(method._grad_sum(params, rest, data))[0]  # pylint: disable=protected-access
@@ -70,7 +67,7 @@ def readouts(method: Ssse, state: SsseState) -> dict:
 def profile(method: Ssse, state: SsseState, repeats: int = 5, *, samples: int = 256, loop_samples: int = 32) -> dict:
     """Per-example gradient throughput (``vmap`` vs batched mean gradient vs a Python loop) and the curvature matvec
     (matrix-free vs materialised rows vs one forward pass), on ``samples`` training samples, one device."""
-    params, rest = mesh_lib.replicate(_split(state.variables), method.mesh)
+    params, rest = mesh_lib.replicate(models.split_variables(state.variables), method.mesh)
     train = method.splits.train
     n = min(samples, method.num_train)
     x, y = jax.device_put(np.asarray(train.x[:n])), jax.device_put(np.asarray(train.y[:n], np.int32))
@@ -148,7 +145,7 @@ def structures(job: ml_collections.ConfigDict, *, samples: int, repeats: int = 3
     dense = made["dense"]
     variables = dense._recipe(jax.random.key(int(job.seed)), np.arange(dense.num_train), desc="original")  # noqa
     wd = float(cfg.train.weight_decay)
-    params, rest = _split(variables)
+    params, rest = models.split_variables(variables)
     p = dense.layout.num_params
     u = jax.random.normal(jax.random.key(1), (p,), jnp.float32)
     out: dict = {"num_params": p, "samples": len(positions), "rank": int(rank), "block_size": int(block_size),

@@ -241,7 +241,7 @@ class Ssse(ClassifierMethod):
     def build_curvature(self, variables: PyTree, retained: np.ndarray, *, seed: int = 0) -> curv_lib.Curvature:
         """The curvature of ``variables`` over the training rows ``retained`` (positions), with its damping
         ``λ = damping · tr(C)/P``; ``woodbury`` stores the rows of ``rank`` of them drawn with ``seed``."""
-        params, rest = mesh_lib.replicate(_split(variables), self.mesh)
+        params, rest = mesh_lib.replicate(models.split_variables(variables), self.mesh)
         lay, cfg = self.layout, self.config
         stored = retained
         if lay.structure == "woodbury":
@@ -409,7 +409,7 @@ class Ssse(ClassifierMethod):
         start = time.perf_counter()
         # Replicated on the mesh whatever the state's placement (fresh, restored, or a previous step's output), so
         # that every request runs the programs the first one compiled.
-        params, rest = mesh_lib.replicate(_split(state.variables), self.mesh)
+        params, rest = mesh_lib.replicate(models.split_variables(state.variables), self.mesh)
         erased = self._rows_data(positions)  # placed once: the gradient and the downdate read the same rows
         grads = ravel_pytree(self._grad_sum(params, rest, erased))[0]
         errors.check_finite(grads, f"gradients of the {len(positions)} erased samples")
@@ -484,9 +484,6 @@ def erase_step(flat: jax.Array, grad_sum: jax.Array, num_erased, num_retained, w
     delta = epsilon / num_retained * x
     return flat + delta, ok, delta
 
-
-def _split(variables: PyTree) -> tuple[PyTree, PyTree]:
-    return variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
 
 def _params_key(params: PyTree) -> jax.Array:
